@@ -1,9 +1,11 @@
 """Heatmaps of generation drift (mean Δ cross-NLL / Δ entropy vs dense) for the HTML and Markdown reports.
 
 Why heatmaps: the drift finding ("stable benchmarks hide drift") is a pattern across checkpoints and prompt
-sources that a table of numbers hides. Per-dataset drift metrics (`drift.delta_cross_nll_t0.<dataset>`,
-the names benchmarks/drift.py produces) give checkpoint × dataset maps, one per temperature; when only the
-overall gated metrics are in the document, the maps are checkpoint × temperature per drift quantity instead.
+sources that a table of numbers hides. Like the paper's Figures 1–8, each gated drift check's per-dataset
+values (`by_dataset` in the results, one per drift prompt source) give checkpoint × dataset maps: Δ cross-NLL
+and Δ entropy at each temperature, and the change from T=0 to each other temperature; an "all" column holds
+the overall (gated) value. Rows are the rows of the report's main tables (seed means where there are
+several seeds). A document without per-dataset values (an older run) still gets checkpoint × temperature maps.
 matplotlib is optional (not a dependency of the audit): without it, or without drift checks, no heatmap.
 """
 
@@ -15,8 +17,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-_DRIFT = re.compile(r"^drift\.delta_(cross_nll|entropy)_t(\d+(?:\.\d+)?)(?:\.([A-Za-z][\w-]*))?$")
-_TITLES = {"cross_nll": "mean Δ cross-NLL (nats/token)", "entropy": "mean Δ entropy (nats/token)"}
+from reports.tables import number, report_tables
+
+_DRIFT = re.compile(r"^drift\.delta_(cross_nll|entropy)_t(\d+(?:\.\d+)?)$")
+_TITLES = {"cross_nll": "mean Δ cross-NLL (nats/token)", "entropy": "mean Δ top-20 entropy (nats)"}
+ALL = "all"
+Grid = tuple[str, str, list[str], list[str], list[list[float]]]  # file, title, rows, columns, values
 
 
 @dataclass(frozen=True)
@@ -28,42 +34,56 @@ class Heatmap:
     png: bytes
 
 
-def drift_values(document: dict[str, Any]) -> dict[tuple[str, str, str | None], dict[str, float]]:
-    """{(quantity, temperature, dataset or None): {checkpoint id: compressed value}} from the drift checks."""
-    values: dict[tuple[str, str, str | None], dict[str, float]] = {}
+def drift_values(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, dict[str, float]]]:
+    """{(quantity, temperature): {checkpoint id: {dataset or "all": compressed value}}} from the drift checks."""
+    values: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
     for check in document.get("checks", []):
         match = _DRIFT.match(str(check.get("metric", "")))
-        value = check.get("compressed")
-        if match is None or isinstance(value, bool) or not isinstance(value, int | float):
+        if match is None:
             continue
-        if not math.isfinite(value):
-            continue
-        values.setdefault((match.group(1), match.group(2), match.group(3)), {})[check["checkpoint"]["id"]] = value
+        cells: dict[str, float] = {}
+        for dataset, entry in (check.get("by_dataset") or {}).items():
+            value = number(entry.get("compressed")) if isinstance(entry, dict) else None
+            if value is not None:
+                cells[str(dataset)] = value
+        overall = number(check.get("compressed"))
+        if overall is not None:
+            cells[ALL] = overall
+        if cells:
+            values.setdefault((match.group(1), match.group(2)), {})[check["checkpoint"]["id"]] = cells
     return values
 
 
-def _grids(document: dict[str, Any]) -> list[tuple[str, str, list[str], list[str], list[list[float]]]]:
-    """(file, title, row labels, column labels, values with NaN gaps) for every heatmap to draw."""
+def _grids(document: dict[str, Any]) -> list[Grid]:
+    """Every heatmap to draw, with NaN gaps for missing cells."""
     values = drift_values(document)
-    order = [row["id"] for row in document.get("checkpoints", [])]
-    grids = []
-    per_dataset = sorted({key for key in values if key[0] == "cross_nll" and key[2] is not None})
-    if per_dataset:
-        for temperature in sorted({key[1] for key in per_dataset}, key=float):
-            datasets = sorted({str(key[2]) for key in per_dataset if key[1] == temperature})
-            rows = [c for c in order if any(c in values[("cross_nll", temperature, d)] for d in datasets)]
-            grid = [[values[("cross_nll", temperature, d)].get(c, math.nan) for d in datasets] for c in rows]
-            grids.append((f"heatmap_cross_nll_t{temperature}.png",
-                          f"{_TITLES['cross_nll']} by dataset, T={temperature}", rows, datasets, grid))
-        return grids
+    order = [row["id"] for table in report_tables(document) if not table["appendix"]
+             for group in table["groups"] for row in group["rows"]]
+    grids: list[Grid] = []
     for quantity in ("cross_nll", "entropy"):
-        temperatures = sorted({key[1] for key in values if key[0] == quantity and key[2] is None}, key=float)
-        if not temperatures:
+        temperatures = sorted({t for q, t in values if q == quantity}, key=float)
+        maps = {t: values[(quantity, t)] for t in temperatures}
+        rows = [c for c in order if any(c in maps[t] for t in temperatures)]
+        if not rows:
             continue
-        rows = [c for c in order if any(c in values[(quantity, t, None)] for t in temperatures)]
-        grid = [[values[(quantity, t, None)].get(c, math.nan) for t in temperatures] for c in rows]
-        grids.append((f"heatmap_delta_{quantity}.png", f"{_TITLES[quantity]} by temperature", rows,
-                      [f"T={t}" for t in temperatures], grid))
+        datasets = sorted({d for t in temperatures for cells in maps[t].values() for d in cells if d != ALL})
+        if not datasets:  # no per-dataset values: one checkpoint x temperature map
+            grids.append((f"heatmap_delta_{quantity}.png", f"{_TITLES[quantity]} by temperature", rows,
+                          [f"T={t}" for t in temperatures],
+                          [[maps[t].get(c, {}).get(ALL, math.nan) for t in temperatures] for c in rows]))
+            continue
+        columns = [*datasets, ALL]
+        per_t = {t: [[maps[t].get(c, {}).get(d, math.nan) for d in columns] for c in rows] for t in temperatures}
+        for t in temperatures:
+            grids.append((f"heatmap_delta_{quantity}_t{t}.png", f"{_TITLES[quantity]} by dataset, T={t}", rows,
+                          columns, per_t[t]))
+        if "0" in per_t:
+            for t in temperatures:
+                if t != "0":
+                    change = [[a - b for a, b in zip(hot, cold, strict=True)]
+                              for hot, cold in zip(per_t[t], per_t["0"], strict=True)]
+                    grids.append((f"heatmap_delta_{quantity}_t{t}_minus_t0.png",
+                                  f"{_TITLES[quantity]}: change T={t} − T=0", rows, columns, change))
     return grids
 
 

@@ -52,7 +52,8 @@ class ReportCollector:
             return
         records = list(self.records.values())
         counts = {v: sum(r.get("verdict") == v for r in records) for v in ("pass", "fail", "error")}
-        checkpoints = {r["checkpoint"]["id"] for r in records}
+        checkpoints = {r["checkpoint"]["id"] for r in records if r["checkpoint"].get("kind") != "seed_mean"}
+        seed_means = {r["checkpoint"]["id"] for r in records} - checkpoints
         blocked = sorted({r["checkpoint"]["id"] for r in records if r.get("verdict") in ("fail", "error")})
         terminalreporter.write_sep("=", "moe-fbs-audit")
         if blocked:
@@ -60,7 +61,9 @@ class ReportCollector:
                 "blocked (the gate doing its job: these checkpoints drifted beyond tolerance or could not be "
                 f"measured): {', '.join(blocked)}")
         terminalreporter.write_line(
-            f"moe-fbs-audit: {len(checkpoints)} checkpoint(s), {len(records)} checks: {counts['pass']} pass, "
+            f"moe-fbs-audit: {len(checkpoints)} checkpoint(s)"
+            + (f" + {len(seed_means)} seed mean(s)" if seed_means else "")
+            + f", {len(records)} checks: {counts['pass']} pass, "
             f"{counts['fail']} fail, {counts['error']} error; {len(blocked)} blocked; "
             f"report -> {self.outputs[0]} (results: {self.outputs[1]})"
             + (f"; also {', '.join(path.name for path in self.outputs[2:])}" if self.outputs[2:] else ""))

@@ -1,7 +1,9 @@
 """Turn the collected audit records into one results document and render it through jinja templates.
 
-The results document is the stable interface between the run and every output format (and, later, between
-merged CI shards and the report), so rendering never reaches back into pytest state.
+The results document is the stable interface between the run and every output format (and between merged CI
+shards and the report), so rendering never reaches back into pytest state. Its schema is documented, field by
+field, in `reports/results.schema.json` (JSON Schema); tests validate real documents against it and it allows
+no undocumented field, so a new field is added there deliberately.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ if TYPE_CHECKING:
     from fixtures.settings import AuditConfig
 
 SCHEMA = "moe-fbs-audit/results/v1"
+SCHEMA_FILE = Path(__file__).resolve().parent / "results.schema.json"
 
 
 def run_settings(audit_config: AuditConfig) -> dict[str, Any]:

@@ -51,8 +51,8 @@ def test_every_expert_method_is_registered_with_default_ratios() -> None:
 
 def test_audit_ids_read_well() -> None:
     assert CheckpointSpec(MethodSpec("reap", None, 0.5), 0.0, 0).id == "reap-r50-safety0-seed0"
-    assert CheckpointSpec(MethodSpec("hcsmoe", None, 0.25), 1.0, 1).id == "hcsmoe-r25-safety1.0-seed1"
-    assert CheckpointSpec(MethodSpec("hcsmoe-shrink", None, 0.5), 0.118, 0).id == "hcsmoe-shrink-r50-safety0.118-seed0"
+    assert CheckpointSpec(MethodSpec("hcsmoe", None, 0.25), 1.0, 1).id == "hcsmoe-r25-safety100-seed1"
+    assert CheckpointSpec(MethodSpec("hcsmoe-shrink", None, 0.5), 0.118, 0).id == "hcsmoe-shrink-r50-safety11.8-seed0"
 
 
 def test_lowest_scores_break_ties_towards_the_lower_index() -> None:

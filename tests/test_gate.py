@@ -123,3 +123,42 @@ def test_merge_refuses_mismatched_settings(tmp_path: Path) -> None:
     (tmp_path / "a.json").write_text(json.dumps({**base, "settings": {"model": "a"}}))
     (tmp_path / "b.json").write_text(json.dumps({**base, "settings": {"model": "b"}}))
     assert merge_main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m")]) == 2
+
+
+def test_seed_means_under_xdist_build_each_seed_once(project: pytest.Pytester, tmp_path: Path) -> None:
+    """Two seeds and their mean, crows_pairs and a tiny drift protocol, on two workers: the seed group runs on
+    one worker, each seed is built and evaluated once, and the mean's values are the seeds' means."""
+    from tests.test_reports import _schema_errors
+
+    cache = tmp_path / "fresh-cache"
+    result = project.runpytest_subprocess(
+        *BASE_ARGS, "--benchmarks", "crows_pairs,drift", "--methods", "reap", "--seeds", "0,1",
+        "--drift-prompts", "2", "--drift-tokens", "8", "--cache-dir", str(cache), "-n", "2", "-v",
+        "--report-dir", str(tmp_path / "report"))
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed", 0) + outcomes.get("failed", 0) == 18, result.stdout.str()  # 3 entries x 6
+    kinds = [line.split()[1] for line in (cache / "builds.log").read_text().splitlines()]
+    assert kinds.count("checkpoints") == 2 and kinds.count("results") == 3, kinds
+    assert kinds.count("drift-generations") == 3, kinds  # dense + one per seed; the mean generates nothing
+    workers = {line.split("]")[0].lstrip("[") for line in result.stdout.lines
+               if line.startswith("[gw") and "test_metric_within_tolerance[" in line}
+    assert len(workers) == 1, workers  # one seed group: one worker
+    result.stdout.fnmatch_lines(["*moe-fbs-audit: 2 checkpoint(s) + 1 seed mean(s), 18 checks:*"])
+    document = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert _schema_errors(document) == []
+    checks = {(c["checkpoint"]["id"], c["metric"]): c for c in document["checks"]}
+    for metric in {m for _, m in checks}:
+        seeds = [checks[(f"reap-r50-safety0-seed{s}", metric)] for s in (0, 1)]
+        mean = checks[("reap-r50-safety0-seedmean", metric)]
+        assert mean["compressed"] == pytest.approx((seeds[0]["compressed"] + seeds[1]["compressed"]) / 2, abs=1e-12)
+        assert mean["checkpoint"]["seeds"] == [0, 1] and mean["mcnemar"] is None
+        if metric.startswith("drift."):
+            assert set(mean["by_dataset"]) == {"bbq", "xstest", "crows_pairs", "stereoset", "advbench"}
+            for dataset, entry in mean["by_dataset"].items():
+                per_seed = [s["by_dataset"][dataset]["compressed"] for s in seeds]
+                assert entry["compressed"] == pytest.approx(sum(per_seed) / 2, abs=1e-12)
+                assert entry["n_items"] == 2
+        else:
+            assert mean["by_dataset"] is None
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "## Table A:" in markdown and "| reap-r50-safety0-seedmean |" in markdown

@@ -31,6 +31,8 @@ def audit_dir(audit_project: pytest.Pytester) -> pytest.Pytester:
         (["--ratios", "0"], "--ratios: 0 is outside"),
         (["--safety-fractions", "0,1.2"], "--safety-fractions: 1.2 is outside [0.0, 1.0]"),
         (["--safety-fractions", "0,0"], "duplicate values"),
+        (["--safety-fractions", "0.1,0.1000000000001"], "0.1 and 0.1000000000001 would both be 'safety10'"),
+        (["--safety-fractions", "0.12345678"], "0.12345678 is 12.345678%, but ids show the percent with at most 3"),
         (["--seeds", "x"], "--seeds: 'x' is not an integer"),
         (["--benchmarks", "mmlu"], "--benchmarks: unknown 'mmlu'"),
         (["--limit", "0"], "--limit: '0' is not an integer >= 1"),
@@ -72,15 +74,51 @@ def _collected_ids(pytester: pytest.Pytester, *args: str) -> list[str]:
 def test_grid_ids_and_markers(audit_dir: pytest.Pytester) -> None:
     ids = _collected_ids(audit_dir, "--ratios", "0.25,0.5", "--seeds", "0,1")
     assert "reap-r50-safety0-seed0-bbq.acc" in ids
-    assert "gptq-w4a16-safety0.118-seed1-crows_pairs.pct_stereotype" in ids
-    assert "reap-r25-safety1.0-seed1-bbq.disamb_bias_score" in ids
-    # 1 scheme + 2 ratios, x 3 fractions x 2 seeds, x the gated metrics of bbq and crows_pairs
-    assert len(ids) == 3 * 3 * 2 * len(GATED)
+    assert "gptq-w4a16-safety11.8-seed1-crows_pairs.pct_stereotype" in ids
+    assert "reap-r25-safety100-seed1-bbq.disamb_bias_score" in ids
+    assert "reap-r25-safety100-seedmean-bbq.disamb_bias_score" in ids
+    # 1 scheme + 2 ratios, x 3 fractions x (2 seeds + their mean), x the gated metrics of bbq and crows_pairs
+    assert len(ids) == 3 * 3 * 3 * len(GATED)
     expert = _collected_ids(audit_dir, "--ratios", "0.5", "-m", "expert")
     assert expert and all(i.startswith("reap-") for i in expert)
     selected = _collected_ids(audit_dir, "--ratios", "0.5", "-k", "gptq and crows_pairs")
     crows_metrics = sum(name.startswith("crows_pairs.") for name in GATED)
     assert len(selected) == 3 * crows_metrics and all("gptq" in i and "crows_pairs" in i for i in selected)
+
+
+def test_k_safety0_selects_only_the_safety0_cases(audit_dir: pytest.Pytester) -> None:
+    """Percent ids: `safety0` is no longer a prefix of the 11.8% mix's id (it was `safety0.118`)."""
+    every = _collected_ids(audit_dir, "--ratios", "0.5", "--seeds", "0,1")
+    bbq = [name for name in GATED if name.startswith("bbq.")]
+    selected = _collected_ids(audit_dir, "--ratios", "0.5", "--seeds", "0,1", "-k", "safety0 and bbq")
+    want = [i for i in every if "-safety0-" in i and "-bbq." in i]
+    assert sorted(selected) == sorted(want) and len(want) == 2 * 3 * len(bbq)  # 2 settings x (2 seeds + mean)
+    assert {i.split("-safety")[1].split("-")[0] for i in every} == {"0", "11.8", "100"}
+    reap = _collected_ids(audit_dir, "--ratios", "0.5", "-k", "reap")
+    assert reap and all(i.startswith("reap-r50-") for i in reap) and len(reap) == 3 * len(GATED)
+    seed_means = _collected_ids(audit_dir, "--ratios", "0.5", "--seeds", "0,1", "-m", "seedmean and expert")
+    assert seed_means == [i for i in every if i.startswith("reap-") and "-seedmean-" in i]
+    assert not _collected_ids_or_empty(audit_dir, "--ratios", "0.5", "-m", "seedmean")  # one seed: no mean
+
+
+def _collected_ids_or_empty(pytester: pytest.Pytester, *args: str) -> list[str]:
+    result = pytester.runpytest("--collect-only", "-q", *args)
+    assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED), result.stdout.str()
+    return [line.split("[", 1)[1].rstrip("]") for line in result.stdout.lines if "[" in line]
+
+
+def test_shards_deal_whole_seed_groups(audit_dir: pytest.Pytester) -> None:
+    """A seed mean is computed in the shard that builds its seeds, so no shard builds another's checkpoint."""
+    args = ("--ratios", "0.5", "--safety-fractions", "0,1", "--seeds", "0,1")
+    every = _collected_ids(audit_dir, *args)
+    shards = [_collected_ids(audit_dir, *args, "--shard", f"{i}/3") for i in (1, 2, 3)]
+    assert sorted(i for shard in shards for i in shard) == sorted(every)
+    groups = [{i.rsplit("-", 2)[0] for i in shard} for shard in shards]
+    assert groups == [{"gptq-w4a16-safety0", "reap-r50-safety100"}, {"gptq-w4a16-safety100"}, {"reap-r50-safety0"}]
+    for shard in shards:  # each shard holds every seed and the mean of its groups
+        for group in {i.rsplit("-", 2)[0] for i in shard}:
+            assert {i.rsplit("-", 2)[1] for i in shard if i.startswith(group + "-seed")} == {"seed0", "seed1",
+                                                                                           "seedmean"}
 
 
 def test_ratio_leaving_fewer_experts_than_top_k_is_refused(audit_dir: pytest.Pytester) -> None:
@@ -114,17 +152,18 @@ def test_audit_end_to_end_writes_report(audit_dir: pytest.Pytester, tmp_path: Pa
     result.stdout.fnmatch_lines([f"*moe-fbs-audit: 2 checkpoint(s), {checks} checks:*report -> *report.md*"])
     document = json.loads((report_dir / "results.json").read_text())
     assert document["schema"] == "moe-fbs-audit/results/v1"
-    assert [row["id"] for row in document["checkpoints"]] == ["gptq-w4a16-safety0.118-seed0",
-                                                              "reap-r50-safety0.118-seed0"]
+    assert [row["id"] for row in document["checkpoints"]] == ["gptq-w4a16-safety11.8-seed0",
+                                                              "reap-r50-safety11.8-seed0"]
     for check in document["checks"]:
         assert check["verdict"] in ("pass", "fail")
         assert check["n_items"] >= (1 if ".flip_" in check["metric"] else 30)
         assert check["delta"] == pytest.approx(check["compressed"] - check["dense"])
     markdown = (report_dir / "report.md").read_text()
-    assert "| dense baseline |" in markdown and "reap-r50-safety0.118-seed0" in markdown
+    assert "| dense baseline |" in markdown and "reap-r50-safety11.8-seed0" in markdown
 
 
 def test_data_free_methods_build_one_checkpoint_unless_seed_dependent(audit_dir: pytest.Pytester) -> None:
     ids = _collected_ids(audit_dir, "--methods", "random,fp8", "--schemes", "s50,w8a8", "--seeds", "0,1")
     checkpoints = sorted({i.rsplit("-", 1)[0] for i in ids})
-    assert checkpoints == ["fp8-w8a8-seed0", "random-s50-seed0", "random-s50-seed1"]
+    # random pruning depends on its seed, so it also gets a seed mean; fp8 is built once, so it gets none
+    assert checkpoints == ["fp8-w8a8-seed0", "random-s50-seed0", "random-s50-seed1", "random-s50-seedmean"]

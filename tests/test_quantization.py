@@ -379,6 +379,6 @@ def test_audit_collects_every_method_and_scheme(shared_data_dir: Path, tmp_path:
     ids = {line.split("[", 1)[1].rsplit("-", 1)[0] for line in result.stdout.splitlines() if "[" in line}
     calibrated = [f"{m}-{s}" for m in ("awq", "gptq") for s in ("w4a16", "w8a16")] + [
         "gptq-w4a8", *(f"{m}-{s}" for m in ("wanda", "sparsegpt") for s in ("s50", "2of4"))]
-    want = {f"{label}-safety{f}-seed0" for label in calibrated for f in ("0", "0.118", "1.0")}
+    want = {f"{label}-safety{f}-seed0" for label in calibrated for f in ("0", "11.8", "100")}
     want |= {"fp8-w8a8-seed0", "magnitude-s50-seed0", "random-s50-seed0"}
     assert ids == want

@@ -1,8 +1,10 @@
 """Report formats rendered from a fixed results document (no models, well under a second each).
 
 Golden files: tests/golden/report.md, report.tex and checks.csv are the expected renderings of
-tests/golden/results_small.json. After an intended change to a template or to reports/formats.py, regenerate
-them with `UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_reports.py` and review the diff before committing.
+tests/golden/results_small.json (a real run's checks, extended by hand with a second calibration seed and its
+seed mean, a second compression ratio and per-dataset drift values, so every table and heatmap kind is
+exercised). After an intended change to a template or to reports/ (formats, tables, escaping), regenerate them
+with `UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_reports.py` and review the diff before committing.
 """
 
 from __future__ import annotations
@@ -15,16 +17,12 @@ from typing import Any
 
 import pytest
 
-from reports.formats import (
-    metric_direction,
-    render_csv,
-    render_html,
-    render_latex,
-    render_markdown,
-    table_model,
-    tex_escape,
-)
+from reports.escaping import tex_escape
+from reports.formats import render_csv, render_html, render_latex, render_markdown, write_reports
+from reports.heatmaps import _grids
 from reports.merge import main as merge_main
+from reports.render import SCHEMA_FILE, build_document
+from reports.tables import metric_direction, report_tables, table_model
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 SCRIPT = "<script>alert(1)</script>"
@@ -53,15 +51,57 @@ def test_directions_come_from_the_tolerance_text() -> None:
     assert metric_direction(None) is None
 
 
+def _rows(table: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {row["id"]: row for group in table["groups"] for row in group["rows"]}
+
+
 def test_table_groups_by_family_and_bolds_the_best(document: dict[str, Any]) -> None:
     table = table_model(document)
     assert [group["family"] for group in table["groups"]] == ["quantization", "expert"]
-    cells = {row["id"]: row["cells"] for group in table["groups"] for row in group["rows"]}
+    cells = {row_id: row["cells"] for row_id, row in _rows(table).items()}
     # bbq.acc: higher is better -> gptq's 0.505 is best; drift: lower is better -> gptq again
     assert cells["gptq-w4a16-safety0-seed0"]["bbq.acc"]["best"]
-    assert not cells["reap-r50-safety0-seed0"]["bbq.acc"]["best"]
+    assert not cells["reap-r50-safety0-seedmean"]["bbq.acc"]["best"]
     assert cells["gptq-w4a16-safety0-seed0"]["drift.delta_cross_nll_t0"]["best"]
-    assert not cells["reap-r50-safety1.0-seed0"]["crows_pairs.pct_stereotype"]["best"]  # an error never wins
+    assert not cells["reap-r50-safety100-seed0"]["crows_pairs.pct_stereotype"]["best"]  # an error never wins
+
+
+def test_one_table_per_ratio_seed_means_in_the_tables_seeds_in_the_appendix(document: dict[str, Any]) -> None:
+    tables = report_tables(document)
+    assert [t["key"] for t in tables] == ["1", "2", "A"]
+    first, second, appendix = (_rows(t) for t in tables)
+    # Table 1: everything without a ratio plus the first ratio (50%); per-seed rows of an averaged setting
+    # are replaced by their seed mean and listed in the appendix
+    assert list(first) == ["gptq-w4a16-safety0-seed0", "reap-r50-safety0-seedmean", "reap-r50-safety100-seed0"]
+    assert list(second) == ["reap-r25-safety0-seed0"]
+    assert list(appendix) == ["reap-r50-safety0-seed0", "reap-r50-safety0-seed1"]
+    assert "50%" in tables[0]["title"] and "25%" in tables[1]["title"]
+    # bold is per table: the only row of Table 2 is its best, though Table 1 has a better bbq.acc
+    assert second["reap-r25-safety0-seed0"]["cells"]["bbq.acc"]["best"]
+    assert appendix["reap-r50-safety0-seed1"]["cells"]["bbq.acc"]["best"]
+    assert not appendix["reap-r50-safety0-seed0"]["cells"]["bbq.acc"]["best"]
+    assert first["reap-r50-safety0-seedmean"]["seed"] == "mean 0,1"
+    for render in (render_markdown, render_latex, render_html):
+        text = render(document)
+        for key in ("1", "2", "A"):
+            assert f"Table {key}:" in text, (render.__name__, key)
+    csv_rows = render_csv(document).splitlines()
+    assert csv_rows[0].startswith("checkpoint,kind,table,")
+    assert any(r.startswith("reap-r50-safety0-seedmean,seed_mean,1,") for r in csv_rows)
+    assert any(r.startswith("reap-r50-safety0-seed1,checkpoint,A,") for r in csv_rows)
+    assert any(r.startswith("reap-r25-safety0-seed0,checkpoint,2,") for r in csv_rows)
+
+
+def test_every_cell_shows_value_delta_ci_and_verdict_in_every_format(document: dict[str, Any]) -> None:
+    """The seed-mean drift cell of Table 1: 0.840 (+0.840 [ci]) FAIL, in each format's own marking."""
+    check = next(c for c in document["checks"] if c["checkpoint"]["id"] == "reap-r50-safety0-seedmean"
+                 and c["metric"] == "drift.delta_cross_nll_t0")
+    value, (low, high) = f"{check['compressed']:.3f}", (f"{v:+.3f}" for v in check["delta_ci"])
+    delta = f"{check['delta']:+.3f}"
+    assert f"{value} ({delta} [{low}, {high}]) **FAIL**" in render_markdown(document)
+    assert (f"{value}</span><br><span class=\"ci\">{delta} [{low}, {high}]</span><br>"
+            '<span class="v-fail">FAIL</span>') in render_html(document)
+    assert f"{value} {{\\scriptsize ({delta} [{low}, {high}]) \\textbf{{FAIL}}}}" in render_latex(document)
 
 
 def test_verdicts_are_visibly_different(document: dict[str, Any]) -> None:
@@ -135,3 +175,62 @@ def test_merge_writes_every_format(document: dict[str, Any], tmp_path: Path,
     if list(out.glob("heatmap_*.png")):  # matplotlib is optional; when present the maps are embedded
         assert "data:image/png;base64," in html
     assert "<link" not in html and "<script" not in html  # self-contained and inert
+
+
+def test_drift_heatmaps_are_checkpoint_by_dataset_per_temperature_and_their_change(
+        document: dict[str, Any]) -> None:
+    grids = {file: (rows, columns, values) for file, _, rows, columns, values in _grids(document)}
+    assert set(grids) == {"heatmap_delta_cross_nll_t0.png", "heatmap_delta_cross_nll_t0.7.png",
+                          "heatmap_delta_cross_nll_t0.7_minus_t0.png"}
+    rows, columns, cold = grids["heatmap_delta_cross_nll_t0.png"]
+    # rows: the main tables' rows (seed means, not their seeds), in table order
+    assert rows == ["gptq-w4a16-safety0-seed0", "reap-r50-safety0-seedmean", "reap-r50-safety100-seed0",
+                    "reap-r25-safety0-seed0"]
+    assert columns == ["advbench", "bbq", "crows_pairs", "stereoset", "xstest", "all"]
+    check = next(c for c in document["checks"] if c["checkpoint"]["id"] == "reap-r50-safety0-seedmean"
+                 and c["metric"] == "drift.delta_cross_nll_t0")
+    assert cold[1] == [check["by_dataset"][d]["compressed"] for d in columns[:-1]] + [check["compressed"]]
+    _, _, hot = grids["heatmap_delta_cross_nll_t0.7.png"]
+    _, _, change = grids["heatmap_delta_cross_nll_t0.7_minus_t0.png"]
+    assert change == [[h - c for h, c in zip(hr, cr, strict=True)] for hr, cr in zip(hot, cold, strict=True)]
+
+
+def test_without_per_dataset_values_the_maps_are_by_temperature(document: dict[str, Any]) -> None:
+    for check in document["checks"]:
+        check["by_dataset"] = None
+    grids = _grids(document)
+    assert [(file, columns) for file, _, _, columns, _ in grids] == [
+        ("heatmap_delta_cross_nll.png", ["T=0", "T=0.7"])]
+
+
+def test_heatmaps_are_written_embedded_and_linked(document: dict[str, Any], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    (tmp_path / "heatmap_stale_from_an_old_run.png").write_bytes(b"old")
+    outputs = write_reports(document, tmp_path)
+    pngs = sorted(path.name for path in tmp_path.glob("heatmap_*.png"))
+    assert pngs == sorted(file for file, *_ in _grids(document))
+    assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG") for name in pngs)
+    assert {tmp_path / name for name in pngs} <= set(outputs)
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") == len(pngs)
+    markdown = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert all(f"]({name})" in markdown for name in pngs)
+    assert all(f"{{{name}}}" in (tmp_path / "report.tex").read_text(encoding="utf-8") for name in pngs)
+
+
+def _schema_errors(document: dict[str, Any]) -> list[str]:
+    import jsonschema
+
+    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    return [f"{e.json_path}: {e.message}" for e in jsonschema.Draft202012Validator(schema).iter_errors(document)]
+
+
+def test_results_schema_documents_every_field(document: dict[str, Any]) -> None:
+    assert _schema_errors(document) == []
+    rebuilt = build_document(document["checks"], document["settings"], "2026-01-01T00:00:00+0000")
+    assert _schema_errors(rebuilt) == []
+    undocumented = copy.deepcopy(document)
+    undocumented["checks"][0]["new_field"] = 1
+    undocumented["checkpoints"][0]["checkpoint_note"] = "x"
+    errors = _schema_errors(undocumented)
+    assert len(errors) == 2 and "new_field" in errors[0] + errors[1], errors

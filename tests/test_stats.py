@@ -153,10 +153,13 @@ def test_worker_gpu_pinning(worker: str, gpus: list[str], expected: str | None) 
     assert worker_device(worker, gpus) == expected
 
 
-def test_checkpoint_scope_groups_all_metrics_of_a_checkpoint() -> None:
+def test_checkpoint_scope_groups_all_seeds_of_a_setting_with_their_mean() -> None:
     base = "audits/test_benchmarks.py::test_metric_within_tolerance"
-    assert checkpoint_scope(f"{base}[reap-r50-safety0.118-seed0-bbq.acc]") == "reap-r50-safety0.118-seed0"
-    assert checkpoint_scope(f"{base}[fp8-w8a8-seed0-drift.delta_cross_nll_t0.7]") == "fp8-w8a8-seed0"
+    for seed in ("seed0", "seed1", "seed12", "seedmean"):
+        assert checkpoint_scope(f"{base}[reap-r50-safety11.8-{seed}-bbq.acc]") == "reap-r50-safety11.8"
+    assert checkpoint_scope(f"{base}[reap-r12.5-safety0-seed0-bbq.acc]") == "reap-r12.5-safety0"
+    assert checkpoint_scope(f"{base}[fp8-w8a8-seed0-drift.delta_cross_nll_t0.7]") == "fp8-w8a8"
+    assert checkpoint_scope(f"{base}[random-s50-seedmean-drift.delta_entropy_t0]") == "random-s50"
     assert checkpoint_scope("tests/test_x.py::test_plain") == "tests/test_x.py::test_plain"
 
 
