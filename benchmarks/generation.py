@@ -102,7 +102,9 @@ def load_causal_lm(model_dir: Path, device: str, dtype: str = "float32") -> tupl
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    # On CUDA the grouped_mm experts kernel: 8.8x transformers' default loop on a 30B MoE (docs/performance.md).
+    extra = {"experts_implementation": "grouped_mm"} if device.startswith("cuda") else {}
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), **extra)
     model.to(device).eval()
     return model, AutoTokenizer.from_pretrained(model_dir)
 
@@ -162,9 +164,17 @@ def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator: t
 
 
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[tuple[int, ...]],
-             prompt_keys: Sequence[str], settings: GenerationSettings, device: str) -> list[Generation]:
-    """Generate every (prompt, temperature) pair; returns them prompt-major, temperatures in settings order."""
+             prompt_keys: Sequence[str], settings: GenerationSettings, device: str,
+             engine: str = "fast") -> list[Generation]:
+    """Generate every (prompt, temperature) pair; returns them prompt-major, temperatures in settings order.
+
+    `engine`: "fast" (`benchmarks.fast_generation`, batched on the device) or "reference" (the per-row loop
+    below, kept as the specification the fast engine is tested against); same batches, same bits on CPU."""
     import torch
+
+    if engine not in ("fast", "reference"):
+        raise ValueError(f"engine must be 'fast' or 'reference', got {engine!r}")
+    run_batch = _generate_batch_fast if engine == "fast" else _generate_batch
 
     stops = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
@@ -175,10 +185,28 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_
         for start in range(0, len(order), settings.batch_size):
             batch = order[start:start + settings.batch_size]
             rows = [requests[r] for r in batch]
-            outs = _generate_batch(model, [prompt_ids[i] for i, _ in rows],
+            outs = run_batch(model, [prompt_ids[i] for i, _ in rows],
                                    [(prompt_keys[i], t) for i, t in rows], settings, stops, pad, device)
             results.update(zip(batch, outs, strict=True))
     return [results[r] for r in range(len(requests))]
+
+
+def _generate_batch_fast(model: PreTrainedModel, prompts: list[tuple[int, ...]], keys: list[tuple[str, float]],
+                         settings: GenerationSettings, stops: frozenset[int], pad: int,
+                         device: str) -> list[Generation]:
+    import torch
+
+    from benchmarks.fast_generation import decode_batch
+
+    generators = [torch.Generator(device=device).manual_seed(row_seed(settings.seed, key, temperature))
+                  if temperature > 0 else None for key, temperature in keys]
+    rows = decode_batch(model, prompts, max_new_tokens=settings.max_new_tokens, stop_ids=stops, pad_id=pad,
+                        device=device, temperatures=[t for _, t in keys], top_p=settings.top_p,
+                        generators=generators, top_k=settings.top_logprobs)
+    return [Generation(prompt_id=key, temperature=temperature, prompt_ids=prompt, token_ids=row.tokens,
+                       top_ids=row.top_ids, top_logprobs=row.top_logprobs,
+                       finish="stop" if row.stopped else "length")
+            for prompt, (key, temperature), row in zip(prompts, keys, rows, strict=True)]
 
 
 def _generate_batch(model: PreTrainedModel, prompts: list[tuple[int, ...]], keys: list[tuple[str, float]],

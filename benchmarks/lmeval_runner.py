@@ -61,6 +61,9 @@ __all__ = [
 TASKS_SUBDIR = "lmeval_tasks"
 DEFAULT_MAX_LENGTH = 2048
 KINDS = ("likelihood", "generative")  # one simple_evaluate call each, in this order
+# `scorer` -> lm-eval model type: "hf" is lm-eval's own HF backend (the reference), "shared" ours, tested
+# equal to it (tests/test_fast_scoring.py) and many times faster on GPUs (docs/performance.md).
+SCORERS = {"hf": "hf", "shared": "moe-fbs-shared"}
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,8 @@ def run_benchmarks(
     max_length: int = DEFAULT_MAX_LENGTH,
     max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
     options: Mapping[str, Mapping[str, Any]] | None = None,
+    scorer: str = "hf",
+    lm: Any = None,
 ) -> dict[str, BenchmarkResult]:
     """Evaluate `model_path` on the named benchmarks; one `BenchmarkResult` per name.
 
@@ -98,8 +103,10 @@ def run_benchmarks(
     data, seed and limit give the same items for any model. `max_gen_toks`: new-token budget of generative
     benchmarks (100 by default; smaller only for fast tests). `options[name]` holds benchmark options (BBQ
     `categories`, XSTest/AdvBench `detector`: a name in `benchmarks.refusal.DETECTORS` or a detector
-    object). Raises ConfigError (unknown benchmark, bad limit or option), DataError (missing/empty data, no
-    items, inconsistent lm-eval output) or ModelError (no checkpoint).
+    object). `scorer`: "hf" (lm-eval's HF backend) or "shared" (see SCORERS). Raises ConfigError (unknown
+    benchmark, bad limit or option), DataError (missing/empty data, no items, inconsistent lm-eval output) or
+    ModelError (no checkpoint). `lm`: an lm-eval model already built (an in-memory model, e.g. the GPU
+    benchmark's random-weight model); `model_path` is then only recorded, never loaded.
     """
     from benchmarks import get_spec
 
@@ -113,8 +120,10 @@ def run_benchmarks(
     unknown_options = sorted(set(options or {}) - set(requested))
     if unknown_options:
         raise ConfigError(f"options given for benchmarks not requested: {', '.join(unknown_options)}")
+    if scorer not in SCORERS:
+        raise ConfigError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
     checked = {spec.name: spec.check_options(dict((options or {}).get(spec.name, {}))) for spec in specs}
-    model_dir = _check_model_dir(model_path)
+    model_dir = _check_model_dir(model_path) if lm is None else Path(model_path)
 
     manager, prepared = _prepare(
         specs, checked, source, Path(work_dir), limit=limit, seed=seed, max_gen_toks=max_gen_toks
@@ -127,9 +136,10 @@ def run_benchmarks(
         # Qwen3's template opens a <think> block unless told not to; other templates ignore the flag.
         "enable_thinking": False,
     }
-    lm = _load_model(model_args, device=device, batch_size=batch_size)
-    settings = {"limit": limit, "seed": seed, "model": "hf", "model_args": model_args, "batch_size": batch_size,
-                "device": device, "lm_eval_version": version("lm_eval"),
+    if lm is None:
+        lm = _load_model(model_args, device=device, batch_size=batch_size, scorer=scorer)
+    settings = {"limit": limit, "seed": seed, "model": SCORERS[scorer], "model_args": model_args,
+                "batch_size": batch_size, "device": device, "lm_eval_version": version("lm_eval"),
                 "transformers_version": version("transformers"), "torch_version": version("torch"),
                 "datasets_version": version("datasets")}
     results: dict[str, BenchmarkResult] = {}
@@ -202,13 +212,17 @@ def _prepare(
     return manager, prepared
 
 
-def _load_model(model_args: Mapping[str, Any], *, device: str, batch_size: int) -> Any:
-    """lm-eval's `hf` model built as `simple_evaluate(model="hf", model_args=...)` builds it, once for both
-    calls (a large checkpoint is not loaded twice)."""
+def _load_model(model_args: Mapping[str, Any], *, device: str, batch_size: int, scorer: str = "hf") -> Any:
+    """lm-eval's model built as `simple_evaluate(model=..., model_args=...)` builds it, once for both
+    calls (a large checkpoint is not loaded twice). `scorer` "shared" is `benchmarks.fast_scoring`'s HFLM
+    subclass (same tokenization and metrics, shared contexts and batched greedy generation)."""
     from lm_eval.api.registry import get_model
 
+    if scorer == "shared":
+        import benchmarks.fast_scoring  # noqa: F401  (registers the model type)
     try:
-        return get_model("hf").create_from_arg_obj(dict(model_args), {"batch_size": batch_size, "device": device})
+        return get_model(SCORERS[scorer]).create_from_arg_obj(dict(model_args),
+                                                              {"batch_size": batch_size, "device": device})
     except Exception as exc:
         raise ModelError(f"lm-eval could not load the model {model_args['pretrained']}: {exc}") from exc
 

@@ -1,0 +1,50 @@
+"""A Mixture-of-Experts of a real model's shape with random weights, built directly on the target device.
+
+Why random weights: the throughput of a 30B MoE depends on its shape (layers, experts, top-k, widths,
+vocabulary), not on trained values, and no pretrained checkpoint is reachable from the GPU machine. The model
+is the real transformers class built from a config (`from_config` under a device context: weights are
+allocated and initialised on the GPU, no CPU pass over 57 GiB). Token ids come from the zoo tokenizer
+(4,096 ids) while the vocabulary keeps the real size: LM-head rows of ids the tokenizer cannot decode are
+zeroed, so their logits are exactly 0 and the argmax of a step stays on decodable ids (the maximum of 4,096
+random logits is positive) while the LM head still costs the full 151,936-row matmul.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# The zoo tokenizer's ids (fixtures/tokenizer.py): EOS = pad = 0, no BOS.
+ZOO_TOKEN_IDS: dict[str, Any] = {"eos_token_id": 0, "pad_token_id": 0, "bos_token_id": None}
+SHAPES: dict[str, dict[str, Any]] = {
+    # Qwen/Qwen3-30B-A3B config.json (the fields that set compute and memory).
+    "qwen3-30b-a3b": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+                      "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
+                      "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
+                      "norm_topk_prob": True, "max_position_embeddings": 40960, "rope_theta": 1e6,
+                      "tie_word_embeddings": False, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    # Same code path at CPU size, for developing and testing the script.
+    "tiny": {"vocab_size": 8192, "hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 128,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+             "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True, "max_position_embeddings": 4096,
+             "tie_word_embeddings": False, "decoder_sparse_step": 1, "mlp_only_layers": []},
+}
+
+
+def build_random_model(shape: str, device: str, dtype: str, decodable_ids: int, seed: int = 0) -> Any:
+    """The Qwen3-MoE of `shape` on `device` in `dtype`, eval mode, grouped_mm experts on CUDA."""
+    import torch
+    import transformers
+
+    config = transformers.Qwen3MoeConfig(**SHAPES[shape], **ZOO_TOKEN_IDS)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    if device.startswith("cuda"):
+        model.set_experts_implementation("grouped_mm")
+    with torch.no_grad():
+        model.lm_head.weight[decodable_ids:].zero_()
+    return model.eval()
+
+
+def parameter_count(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
