@@ -18,8 +18,10 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-# The CPU quick start: one ratio, 200 items per benchmark, a reduced drift protocol, two xdist workers.
-AUDIT_ARGS ?= --ratios 0.5 --limit 200 --benchmarks bbq,crows_pairs,drift --drift-prompts 10 --drift-tokens 50 -n 2
+# The CPU quick start on the canary MoE (fixtures/canary.py): GPTQ W8A16, REAP 50% and HC-SMoE 50%, each calibrated
+# with 0%, 11.8% and 100% safety data; 100 items per benchmark, a reduced drift protocol, two xdist workers.
+AUDIT_ARGS ?= --methods gptq,reap,hcsmoe --schemes w8a16 --ratios 0.5 --limit 100 \
+	--benchmarks bbq,crows_pairs,xstest,advbench,drift --drift-prompts 10 --drift-tokens 50 -n 2
 TEST_ARGS  ?= -n 2
 
 .PHONY: venv audit test lint clean

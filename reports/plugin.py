@@ -59,7 +59,7 @@ class ReportCollector:
         if blocked:
             terminalreporter.write_line(
                 "blocked (the gate doing its job: these checkpoints drifted beyond tolerance or could not be "
-                f"measured): {', '.join(blocked)}")
+                f"measured; exit status 1 means blocked checkpoints, not a crash): {', '.join(blocked)}")
         terminalreporter.write_line(
             f"moe-fbs-audit: {len(checkpoints)} checkpoint(s)"
             + (f" + {len(seed_means)} seed mean(s)" if seed_means else "")

@@ -44,5 +44,7 @@ def audit_project(pytester: pytest.Pytester, shared_data_dir: Path, session_cach
     pytester.makepyfile(test_audit=AUDIT_TEST)
     monkeypatch.setenv("MOE_FBS_DATA_DIR", str(shared_data_dir))
     monkeypatch.setenv("MOE_FBS_CACHE_DIR", str(session_cache_dir))
+    # The suite's own gate tests use the fast random zoo model; the canary (the audit's default) has its own tests.
+    monkeypatch.setenv("MOE_FBS_MODEL", "qwen3-moe-tiny")
     monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))  # for runpytest_subprocess: the suite runs from its checkout
     return pytester
