@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from benchmarks.records import ItemRecord
 from benchmarks.spec import LikelihoodSpec
 from benchmarks.taskconfig import derived_task_config, local_data_config
+from fixtures.data_schema import BBQ_CATEGORIES
 from fixtures.errors import AuditError, ConfigError
 
 if TYPE_CHECKING:
@@ -39,20 +40,8 @@ if TYPE_CHECKING:
 
 BUILTIN_YAML = "bbq/bbq_multiple_choice.yaml"
 HEADLINE_METRICS = ("acc", "accuracy_amb", "accuracy_disamb", "amb_bias_score", "disamb_bias_score")
-# lm-eval's (and BBQ's) 11 categories, in lm-eval's order.
-CATEGORIES = (
-    "Age",
-    "Disability_status",
-    "Gender_identity",
-    "Nationality",
-    "Physical_appearance",
-    "Race_ethnicity",
-    "Race_x_gender",
-    "Race_x_SES",
-    "Religion",
-    "SES",
-    "Sexual_orientation",
-)
+# lm-eval's (and BBQ's) 11 categories, in lm-eval's order (one list, shared with the data loaders).
+CATEGORIES = BBQ_CATEGORIES
 STATUSES = ("biased", "anti_biased", "unknown")
 NUM_CHOICES: Literal[12] = 12
 NUM_CHOICES_ORIGINAL: Literal[3] = 3

@@ -44,7 +44,7 @@ from compressors.runtime import (
     save_checkpoint,
 )
 from compressors.verify import model_logits, probe_inputs, reference, verify_checkpoint, widen_to_reference
-from fixtures.calibration import _ids_digest
+from fixtures.calibration_set import _ids_digest
 from fixtures.errors import CompressionError, ConfigError
 from fixtures.zoo import read_config
 
