@@ -1,10 +1,11 @@
 """`moe-fbs-shared`: lm-eval's HF model with shared-context log-likelihoods and batched greedy generation.
 
-Why a subclass of lm-eval's `HFLM` rather than an own model: tokenization (`_encode_pair`, the empty-context
-prefix token, chat templates), stop sequences and post-processing stay lm-eval's own code, so only the two
-places where HFLM spends the time are replaced:
+Why a subclass of lm-eval's `HFLM` rather than an own model: chat templates, stop sequences and
+post-processing stay lm-eval's own code, so only the places where HFLM spends the time are replaced:
 
-- `_loglikelihood_tokens` receives the requests already tokenized by lm-eval and scores them by prefix packing
+- `loglikelihood` tokenizes all requests of a call with batched fast-tokenizer calls and lm-eval's own split
+  rule (`benchmarks.fast_tokenization`, the same token ids as `_encode_pair`; otherwise lm-eval's path).
+- `_loglikelihood_tokens` receives the tokenized requests and scores them by prefix packing
   (`benchmarks.packing`): one copy of each context per group of requests sharing it, many groups per row,
   only the scored positions go through the LM head, log-softmax in `softmax_dtype` (fp32 in the audit).
   Results are (sum of log-probabilities, is_greedy) exactly as HFLM defines them; requests HFLM would
@@ -36,6 +37,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
 from benchmarks.fast_generation import greedy_tokens
+from benchmarks.fast_tokenization import batchable, encode_requests
 from benchmarks.packing import attention_mask, batch_rows, layout_batch, pack_rows, plan_groups
 
 MODEL_NAME = "moe-fbs-shared"
@@ -56,6 +58,7 @@ class ScoringStats:
     generated_tokens: int = 0
     generation_seconds: float = 0.0
     fallback_requests: int = 0
+    tokenization_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -83,8 +86,15 @@ class SharedContextLM(HFLM):
 
     # -- log-likelihoods --------------------------------------------------------------------------------
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        """lm-eval's own tokenization (`TemplateLM.loglikelihood`, `_encode_pair`), with each distinct string
-        encoded once per call: BBQ's context is encoded for each of its 12 choices otherwise."""
+        """lm-eval's tokenization rules (`TemplateLM.loglikelihood`, `_encode_pair`) with all distinct strings
+        of the call encoded in batched fast-tokenizer calls (`benchmarks.fast_tokenization`: same token ids,
+        tested); where that cannot be guaranteed, lm-eval's own per-request path with each distinct string
+        encoded once per call (BBQ's context is encoded for each of its 12 choices otherwise)."""
+        if not self.enable_thinking and batchable(self, (SharedContextLM.tok_encode,)):
+            started = time.perf_counter()
+            encoded = encode_requests(self, [tuple(r.args) for r in requests])
+            self.stats.tokenization_seconds += time.perf_counter() - started
+            return self._loglikelihood_tokens(encoded, disable_tqdm=disable_tqdm)
         self._encode_memo: dict[tuple[str, Any, Any], list[int]] | None = {}
         try:
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
