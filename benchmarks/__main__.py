@@ -23,9 +23,9 @@ from benchmarks.refusal_spec import DEFAULT_MAX_GEN_TOKS
 
 
 def _model_dir(model: str, cache_dir: Path) -> Path:
-    from fixtures.zoo import ZOO, materialize_zoo_model
+    from fixtures.zoo import materialize_zoo_model, zoo_names
 
-    return materialize_zoo_model(model, cache_dir) if model in ZOO else Path(model)
+    return materialize_zoo_model(model, cache_dir) if model in zoo_names() else Path(model)
 
 
 def main(argv: list[str] | None = None) -> int:
