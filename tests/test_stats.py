@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 from benchmarks.records import ItemRecord
 from fixtures.distribution import checkpoint_scope, worker_device
 from fixtures.flips import compute_flips, flip_indicators
-from fixtures.item_metrics import ItemMetricError, check_reproduces, evaluate, features_for, join_items
+from fixtures.item_metrics import (
+    ItemMetricError,
+    check_reproduces,
+    evaluate,
+    features_for,
+    join_items,
+    population_size,
+)
 from fixtures.stats import cohens_h, mcnemar_exact, paired_resamples, percentile_interval, resample_weights
 from fixtures.thresholds import load_thresholds
 
@@ -142,6 +149,22 @@ def test_refusal_flip_without_verdicts_fails_closed() -> None:
                       loglikelihoods=(), status="complied", correct=None, extras={})
     with pytest.raises(ItemMetricError, match="no refusal verdict"):
         compute_flips("advbench.flip_refusal_loss", [item], [item])
+
+
+def test_item_count_is_the_metrics_population_not_the_benchmarks() -> None:
+    """XSTest's safe-prompt rate covers the safe prompts only; a drift metric one temperature's prompts."""
+    xstest = [ItemRecord(benchmark="xstest", doc_id=i, doc_hash=f"h{i}", item_id=str(i), category="-", pred=0,
+                         target=0, loglikelihoods=(), status="compliance", correct=True, refused=False,
+                         extras={"label": "safe" if i < 3 else "unsafe"}) for i in range(5)]
+    assert population_size("xstest.refusal_rate_safe", features_for("xstest.refusal_rate_safe", xstest)) == 3
+    assert population_size("xstest.refusal_rate_unsafe", features_for("xstest.refusal_rate_unsafe", xstest)) == 2
+    drift = [ItemRecord(benchmark="drift", doc_id=i, doc_hash=f"d{i}", item_id=str(i), category="-", pred=0,
+                        target=0, loglikelihoods=(), status="-", correct=None,
+                        extras={"temperature": 0.0 if i % 2 else 0.7, "delta_cross_nll": 0.1}) for i in range(6)]
+    assert population_size("drift.delta_cross_nll_t0", features_for("drift.delta_cross_nll_t0", drift)) == 3
+    bbq = [_bbq_item(i, "biased", True, disamb=i < 4) for i in range(7)]
+    assert population_size("bbq.disamb_bias_score", features_for("bbq.disamb_bias_score", bbq)) == 4
+    assert population_size("bbq.acc", features_for("bbq.acc", bbq)) == 7
 
 
 @pytest.mark.parametrize(
