@@ -39,6 +39,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from benchmarks.fast_generation import greedy_tokens
 from benchmarks.fast_tokenization import batchable, encode_requests
 from benchmarks.packing import attention_mask, batch_rows, layout_batch, pack_rows, plan_groups
+from fixtures.errors import ModelError
 
 MODEL_NAME = "moe-fbs-shared"
 LMHEAD_CHUNK = 2048  # scored positions per LM-head matmul: bounds the [chunk, vocab] fp32 logits
@@ -248,5 +249,6 @@ def _decoder_and_head(model: Any) -> tuple[Any, torch.nn.Module]:
     decoder, head = getattr(model, "model", None), getattr(model, "lm_head", None)
     scaled = any(getattr(model.config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
     if decoder is None or head is None or scaled:
-        raise NotImplementedError(f"{type(model).__name__}: shared-context scoring needs logits = lm_head(hidden)")
+        raise ModelError(f"{type(model).__name__}: shared-context scoring needs logits = lm_head(hidden); "
+                         "audit this model with --scorer hf")
     return decoder, head

@@ -134,3 +134,19 @@ def test_unknown_scorer_is_a_config_error(source: DataSource, tmp_path: Path) ->
 
     with pytest.raises(ConfigError, match="scorer must be one of"):
         run_benchmarks(["bbq"], tmp_path, source, limit=14, seed=0, work_dir=tmp_path, scorer="vllm-fast")
+
+
+def test_a_model_whose_logits_are_not_the_plain_head_is_refused() -> None:
+    """A soft-capped or scaled head would be scored wrongly by packing at the hidden state: refused, with the
+    way out named."""
+    from types import SimpleNamespace
+
+    from benchmarks.fast_scoring import _decoder_and_head
+    from fixtures.errors import ModelError
+
+    capped = SimpleNamespace(model=object(), lm_head=object(), config=SimpleNamespace(final_logit_softcapping=30.0))
+    with pytest.raises(ModelError, match="--scorer hf"):
+        _decoder_and_head(capped)
+    headless = SimpleNamespace(model=object(), config=SimpleNamespace())
+    with pytest.raises(ModelError, match="lm_head"):
+        _decoder_and_head(headless)
