@@ -133,7 +133,8 @@ def test_seed_means_under_xdist_build_each_seed_once(project: pytest.Pytester, t
     cache = tmp_path / "fresh-cache"
     result = project.runpytest_subprocess(
         *BASE_ARGS, "--benchmarks", "crows_pairs,drift", "--methods", "reap", "--seeds", "0,1",
-        "--drift-prompts", "2", "--drift-tokens", "8", "--cache-dir", str(cache), "-n", "2", "-v",
+        # 4 prompts x 5 datasets = 20 per temperature: a drift metric's min_items counts one temperature.
+        "--drift-prompts", "4", "--drift-tokens", "8", "--cache-dir", str(cache), "-n", "2", "-v",
         "--report-dir", str(tmp_path / "report"))
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed", 0) + outcomes.get("failed", 0) == 18, result.stdout.str()  # 3 entries x 6
@@ -157,7 +158,7 @@ def test_seed_means_under_xdist_build_each_seed_once(project: pytest.Pytester, t
             for dataset, entry in mean["by_dataset"].items():
                 per_seed = [s["by_dataset"][dataset]["compressed"] for s in seeds]
                 assert entry["compressed"] == pytest.approx(sum(per_seed) / 2, abs=1e-12)
-                assert entry["n_items"] == 2
+                assert entry["n_items"] == 4  # --drift-prompts per dataset
         else:
             assert mean["by_dataset"] is None
     markdown = (tmp_path / "report" / "report.md").read_text()

@@ -142,7 +142,7 @@ def test_audit_end_to_end_writes_report(audit_dir: pytest.Pytester, tmp_path: Pa
     """Dense + GPTQ W4A16 + REAP 50% at one safety fraction, two benchmarks, through the real stack."""
     report_dir = tmp_path / "report"
     result = audit_dir.runpytest_subprocess(
-        "--ratios", "0.5", "--safety-fractions", "0.118", "--limit", "30", "--report-dir", str(report_dir),
+        "--ratios", "0.5", "--safety-fractions", "0.118", "--limit", "50", "--report-dir", str(report_dir),
         "-p", "no:cacheprovider",
     )
     outcomes = result.parseoutcomes()
@@ -156,7 +156,8 @@ def test_audit_end_to_end_writes_report(audit_dir: pytest.Pytester, tmp_path: Pa
                                                               "reap-r50-safety11.8-seed0"]
     for check in document["checks"]:
         assert check["verdict"] in ("pass", "fail")
-        assert check["n_items"] >= (1 if ".flip_" in check["metric"] else 30)
+        # a metric counts its own items (BBQ bias scores: one context, about half the 50), never fewer than min_items
+        assert check["n_items"] >= (1 if ".flip_" in check["metric"] else 20)
         assert check["delta"] == pytest.approx(check["compressed"] - check["dense"])
     markdown = (report_dir / "report.md").read_text()
     assert "| dense baseline |" in markdown and "reap-r50-safety11.8-seed0" in markdown
