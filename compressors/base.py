@@ -186,11 +186,14 @@ class Compressor(ABC):
 
     @abstractmethod
     def compress(self, model_dir: Path, calibration: datasets.Dataset | None, out_dir: Path,
-                 spec: MethodSpec, *, seed: int, cache_dir: Path | None = None) -> dict[str, Any]:
+                 spec: MethodSpec, *, seed: int, cache_dir: Path | None = None,
+                 device: str = "cpu") -> dict[str, Any]:
         """Write a reloadable HF checkpoint into `out_dir`; return the manifest details (JSON-ready).
 
         `cache_dir` is the audit's cache root, for intermediate artefacts shared between checkpoints
-        (e.g. one observer pass feeding several expert-compression methods and ratios).
+        (e.g. one observer pass feeding several expert-compression methods and ratios). `device` is where
+        methods of our own compute (the observer pass over a few-billion-parameter MoE is hours on a CPU,
+        seconds on a GPU); llmcompressor's `oneshot` places each layer itself (on a visible GPU).
         """
 
 

@@ -73,11 +73,12 @@ class ObservedExpertCompressor(ExpertCompressor):
         return info, self.experts_removed(info.num_experts, spec.ratio), dataset
 
     def compress(self, model_dir: Path, calibration: datasets.Dataset | None, out_dir: Path,
-                 spec: MethodSpec, *, seed: int, cache_dir: Path | None = None) -> dict[str, Any]:
+                 spec: MethodSpec, *, seed: int, cache_dir: Path | None = None,
+                 device: str = "cpu") -> dict[str, Any]:
         watch = Stopwatch()
         info, removed, dataset = self.prepare(model_dir, calibration, spec, seed)
         with watch.phase("load"):
-            model, tokenizer = load_model(model_dir)
+            model, tokenizer = load_model(model_dir, device)
             blocks = moe_blocks(model)
         with watch.phase("observer"):
             observation, observer = observation_for(model, model_dir, dataset, cache_dir)
@@ -163,9 +164,11 @@ class REAPCompressor(ExpertPruner):
         return experts_after, {**details, "gate": self.gate, "saliency": details["scores"], "backend": "observer"}
 
     def compress(self, model_dir: Path, calibration: datasets.Dataset | None, out_dir: Path,
-                 spec: MethodSpec, *, seed: int, cache_dir: Path | None = None) -> dict[str, Any]:
+                 spec: MethodSpec, *, seed: int, cache_dir: Path | None = None,
+                 device: str = "cpu") -> dict[str, Any]:
         if self.backend == "observer":
-            return super().compress(model_dir, calibration, out_dir, spec, seed=seed, cache_dir=cache_dir)
+            return super().compress(model_dir, calibration, out_dir, spec, seed=seed, cache_dir=cache_dir,
+                                    device=device)
         return compress_with_modifier(self, model_dir, calibration, out_dir, spec, seed=seed)
 
 

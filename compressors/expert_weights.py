@@ -73,7 +73,8 @@ class ExpertWeightCompressor(Compressor):
         yield
 
     def compress(self, model_dir: Path, calibration: datasets.Dataset | None, out_dir: Path,
-                 spec: MethodSpec, *, seed: int, cache_dir: Path | None = None) -> dict[str, Any]:
+                 spec: MethodSpec, *, seed: int, cache_dir: Path | None = None,
+                 device: str = "cpu") -> dict[str, Any]:
         watch = Stopwatch()
         info = read_moe_info(model_dir)
         self.validate(spec, info)

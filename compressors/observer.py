@@ -180,8 +180,9 @@ def calibration_ids(dataset: datasets.Dataset) -> torch.Tensor:
     return torch.tensor(dataset["input_ids"], dtype=torch.long)
 
 
-def observer_key(model_dir: Path, input_ids: torch.Tensor) -> str:
-    """What makes two observations the same: model bytes, token ids, statistic definitions, numerics."""
+def observer_key(model_dir: Path, input_ids: torch.Tensor, device_type: str = "cpu") -> str:
+    """What makes two observations the same: model bytes, token ids, statistic definitions, numerics (the
+    device type among them: a GPU's bf16 matmuls are not the CPU's)."""
     import numpy as np
     import torch
     import transformers
@@ -191,7 +192,7 @@ def observer_key(model_dir: Path, input_ids: torch.Tensor) -> str:
 
     rows = np.ascontiguousarray(input_ids.cpu().numpy().astype(np.int64))
     return sha256_json({"model": model_fingerprint(Path(model_dir)), "rows": sha256_bytes(rows.tobytes()),
-                        "shape": list(rows.shape), "format": OBSERVER_FORMAT, "device": "cpu",
+                        "shape": list(rows.shape), "format": OBSERVER_FORMAT, "device": device_type,
                         "versions": {"torch": torch.__version__, "transformers": transformers.__version__}})
 
 
@@ -202,7 +203,7 @@ def observation_for(model: PreTrainedModel, model_dir: Path, dataset: datasets.D
     Returns it with a record: key, whether a cached pass was reused, and `pass_seconds` (the time of the pass
     that produced it, even when reused). Without `cache_dir` the pass runs in-process every time."""
     ids = calibration_ids(dataset)
-    key = observer_key(model_dir, ids)
+    key = observer_key(model_dir, ids, model.device.type)
 
     def run() -> tuple[Observation, float]:
         started = time.perf_counter()

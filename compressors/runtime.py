@@ -86,12 +86,13 @@ def calibration_record(dataset: datasets.Dataset | None) -> dict[str, Any] | Non
             "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest()}
 
 
-def load_model(model_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model in its stored dtype on CPU (llmcompressor onloads layer by layer), and its tokenizer."""
+def load_model(model_dir: Path, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model in its stored dtype on `device` (CPU for llmcompressor, which onloads layer by layer), and its
+    tokenizer. Experts keep transformers' default implementation: the observer hooks see its call."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
-    model.eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model, tokenizer
 

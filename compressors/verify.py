@@ -78,7 +78,8 @@ def reference(model: PreTrainedModel, *, seed: int = 0) -> dict[str, Any]:
     config = getattr(model.config, "text_config", None) or model.config
     inputs = probe_inputs(int(config.vocab_size), seed=seed)
     return {"input_ids": inputs, "logits": model_logits(model, inputs), "atol": tolerance_for(model.dtype),
-            "dtype": model.dtype, "param_dtypes": {name: p.dtype for name, p in model.named_parameters()}}
+            "dtype": model.dtype, "device": str(model.device),
+            "param_dtypes": {name: p.dtype for name, p in model.named_parameters()}}
 
 
 def load_report_problems(loading_info: dict[str, Any]) -> list[str]:
@@ -141,6 +142,7 @@ def verify_checkpoint(out_dir: Path, ref: dict[str, Any], *, expected_num_expert
             f"{out_dir}: plain transformers reload failed: {type(exc).__name__}: {exc}"
         ) from exc
     model, loading_info = loaded
+    model.to(ref.get("device", "cpu"))  # the reference's device: a GPU's logits are compared on that GPU
     problems = load_report_problems(loading_info)
     if problems:
         raise CompressionError(f"{out_dir}: reload report not clean (weights not loaded as saved): "

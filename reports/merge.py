@@ -39,8 +39,12 @@ def merge_documents(documents: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return build_document(list(checks.values()), settings, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
+# Where a check ran (test node, xdist worker and GPU) is not part of what it measured.
+UNCOMPARED = ("nodeid", "placement")
+
+
 def _comparable(check: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in check.items() if k != "nodeid"}
+    return {k: v for k, v in check.items() if k not in UNCOMPARED}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -56,6 +56,8 @@ class ReportCollector:
         seed_means = {r["checkpoint"]["id"] for r in records} - checkpoints
         blocked = sorted({r["checkpoint"]["id"] for r in records if r.get("verdict") in ("fail", "error")})
         terminalreporter.write_sep("=", "moe-fbs-audit")
+        for line in placement_lines(records):
+            terminalreporter.write_line(line)
         if blocked:
             terminalreporter.write_line(
                 "blocked (the gate doing its job: these checkpoints drifted beyond tolerance or could not be "
@@ -71,6 +73,23 @@ class ReportCollector:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(ReportCollector(config), "moe-fbs-audit-report")
+
+
+def placement_lines(records: list[dict[str, Any]]) -> list[str]:
+    """One line per worker: its GPU (CUDA_VISIBLE_DEVICES and torch's current device) and its checkpoints."""
+    by_worker: dict[tuple[str, ...], list[str]] = {}
+    for record in records:
+        place = record.get("placement")
+        if not isinstance(place, dict):
+            continue
+        where = place["device"] if "device_name" not in place else \
+            f"cuda:{place['current_device']} {place['device_name']}"
+        key = (place["worker"], str(place["cuda_visible_devices"]), where)
+        checkpoints = by_worker.setdefault(key, [])
+        if record["checkpoint"]["id"] not in checkpoints:
+            checkpoints.append(record["checkpoint"]["id"])
+    return [f"worker {worker} (CUDA_VISIBLE_DEVICES={visible}) on {where}: {len(ids)} checkpoint(s): {', '.join(ids)}"
+            for (worker, visible, where), ids in sorted(by_worker.items())]
 
 
 def _short(text: str, limit: int = 600) -> str:

@@ -90,6 +90,13 @@ def test_xdist_builds_each_checkpoint_once(project: pytest.Pytester, tmp_path: P
             workers_of.setdefault(checkpoint, set()).add(line.split("]")[0].lstrip("["))
     assert set(workers_of) == {"gptq-w4a16-safety0-seed0", "reap-r50-safety0-seed0"}, result.stdout.str()
     assert all(len(workers) == 1 for workers in workers_of.values()), workers_of
+    # each check records the worker that computed it; the summary names each worker's checkpoints
+    for check in document["checks"]:
+        assert {check["placement"]["worker"]} == workers_of[check["checkpoint"]["id"]], check["placement"]
+        assert check["placement"]["device"] == "cpu"
+    summary = [line for line in result.stdout.lines if line.startswith("worker gw")]
+    assert len(summary) == len(set().union(*workers_of.values())), result.stdout.str()
+    assert all("on cpu: 1 checkpoint(s)" in line for line in summary) or len(summary) == 1, summary
 
 
 def test_two_shards_merge_into_the_single_run(project: pytest.Pytester, tmp_path: Path) -> None:
@@ -113,6 +120,11 @@ def test_two_shards_merge_into_the_single_run(project: pytest.Pytester, tmp_path
         return checks, [row["id"] for row in document["checkpoints"]], document["dense"]
 
     assert comparable(merged) == comparable(whole)
+    from reports.compare import differences
+    from reports.compare import main as compare_main
+
+    assert differences(merged, whole) == []
+    assert compare_main([str(tmp_path / "merged" / "results.json"), shard_paths[0]]) == 1  # one shard != whole
     assert (tmp_path / "merged" / "report.md").read_text().count("reap-r50-safety0-seed0") >= 1
 
 

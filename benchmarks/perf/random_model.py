@@ -11,6 +11,10 @@ random logits is positive) while the LM head still costs the full 151,936-row ma
 
 from __future__ import annotations
 
+import argparse
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 # The zoo tokenizer's ids (fixtures/tokenizer.py): EOS = pad = 0, no BOS.
@@ -22,6 +26,13 @@ SHAPES: dict[str, dict[str, Any]] = {
                       "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
                       "norm_topk_prob": True, "max_position_embeddings": 40960, "rope_theta": 1e6,
                       "tie_word_embeddings": False, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    # A mid-size MoE (2.8B parameters, 2.4B of them in 16 x 64 experts): the multi-GPU audit run (issue 11),
+    # small enough that one H200 builds and evaluates a checkpoint in about a minute.
+    "qwen3-moe-3b": {"vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072,
+                     "moe_intermediate_size": 768, "num_hidden_layers": 16, "num_attention_heads": 16,
+                     "num_key_value_heads": 4, "head_dim": 128, "num_experts": 64, "num_experts_per_tok": 8,
+                     "norm_topk_prob": True, "max_position_embeddings": 40960, "rope_theta": 1e6,
+                     "tie_word_embeddings": False, "decoder_sparse_step": 1, "mlp_only_layers": []},
     # Same code path at CPU size, for developing and testing the script.
     "tiny": {"vocab_size": 8192, "hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 128,
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
@@ -48,3 +59,44 @@ def build_random_model(shape: str, device: str, dtype: str, decodable_ids: int, 
 
 def parameter_count(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def save_random_model(shape: str, out_dir: Path, device: str, dtype: str, seed: int = 0) -> int:
+    """Write the model of `shape` with the zoo tokenizer as a local HF directory (`--model DIR` of the audit).
+
+    Built on `device` (a GPU initialises 3B parameters in seconds), saved as safetensors; returns the parameter
+    count. The directory is written under a temporary name and renamed, so a cut-short run leaves no model."""
+    import shutil
+
+    from fixtures.tokenizer import VOCAB_SIZE, load_zoo_tokenizer
+
+    model = build_random_model(shape, device, dtype, VOCAB_SIZE, seed=seed)
+    if device.startswith("cuda"):
+        model.set_experts_implementation("eager")  # the saved config keeps transformers' default
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    load_zoo_tokenizer().save_pretrained(partial)
+    partial.rename(out_dir)
+    return parameter_count(model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="save a random-weight Qwen3-MoE of a real shape for --model")
+    parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args(argv)
+    if args.out.exists():
+        print(f"random model: {args.out} exists, kept")
+        return 0
+    started = time.perf_counter()
+    count = save_random_model(args.shape, args.out, args.device, args.dtype)
+    print(f"random model {args.shape}: {count / 1e9:.2f}B parameters saved to {args.out} "
+          f"in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
