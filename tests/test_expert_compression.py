@@ -175,7 +175,9 @@ def test_pruning_an_expert_without_routing_mass_keeps_outputs(arch: str, seed: i
             statics.e_score_correction_bias[0, silent] = -1.0
     dense = run(block, x)
     prune_block(block, [e for e in range(6) if e != silent])
-    torch.testing.assert_close(run(block, x), dense, rtol=0, atol=1e-6)
+    # Float rounding only: the router and experts matmuls change shape (6 -> 5 rows), so sums may group
+    # differently by an ulp or two; leaked routing mass would move outputs by orders of magnitude more.
+    torch.testing.assert_close(run(block, x), dense, rtol=4e-6, atol=1e-6)
 
 
 @PROPERTY
