@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.perf import cache_times
 from benchmarks.perf.smi_summary import parse, summary_lines
 from reports.compare import differences
 from reports.compare import main as compare_main
@@ -88,15 +89,9 @@ def test_smi_summary_per_gpu() -> None:
 
 
 def test_dtype_option_resolves_with_the_device(audit_project: pytest.Pytester) -> None:
-    from fixtures.session import AuditSession
-    from fixtures.settings import AuditConfig
+    from fixtures.session import eval_dtype
 
-    base = dict(model="qwen3-moe-tiny", data_dir=None, methods=("reap",), schemes=None, ratios=None,
-                safety_fractions=(0.0,), seeds=(0,), benchmarks=("crows_pairs",), limit=None, calibration="auto",
-                cache_dir=audit_project.path / "cache", thresholds=Path("thresholds.toml"),
-                report_dir=audit_project.path, eval_batch_size=1,
-                eval_seed=0, trust_remote_code=False)
-    dtypes = {(device, dtype): AuditSession(AuditConfig(**base, device=device, dtype=dtype), None).dtype  # type: ignore[arg-type]
+    dtypes = {(device, dtype): eval_dtype(dtype, device)
               for device in ("cpu", "cuda", "cuda:1") for dtype in ("auto", "float16")}
     assert dtypes == {("cpu", "auto"): "float32", ("cuda", "auto"): "bfloat16", ("cuda:1", "auto"): "bfloat16",
                       ("cpu", "float16"): "float16", ("cuda", "float16"): "float16", ("cuda:1", "float16"): "float16"}
@@ -115,3 +110,41 @@ def test_observer_key_depends_on_the_device_type(tmp_path: Path) -> None:
     ids = torch.arange(12).reshape(3, 4)
     assert observer_key(tmp_path, ids) == observer_key(tmp_path, ids, "cpu")
     assert observer_key(tmp_path, ids, "cuda") != observer_key(tmp_path, ids, "cpu")
+
+
+def test_cache_times_sum_build_seconds_per_kind(tmp_path: Path) -> None:
+    for kind, key, seconds in (("results", "a", 3.0), ("results", "b", 1.5), ("checkpoints", "c", 2.0)):
+        (tmp_path / kind / key).mkdir(parents=True)
+        (tmp_path / kind / key / "manifest.json").write_text(json.dumps({"cache": {"build_seconds": seconds}}))
+    (tmp_path / "tmp" / "partial").mkdir(parents=True)  # an interrupted build: no manifest, not counted
+    times = cache_times.build_seconds(tmp_path)
+    assert times == {"results": [3.0, 1.5], "checkpoints": [2.0]}
+    assert cache_times.summary_lines(times) == ["results: 2 built, 4.5 s in all, longest 3.0 s",
+                                               "checkpoints: 1 built, 2.0 s in all, longest 2.0 s"]
+    assert cache_times.main([str(tmp_path / "tmp")]) == 1
+
+
+def test_compare_atol_accepts_moved_digits_not_moved_verdicts(document: dict[str, Any], tmp_path: Path) -> None:
+    other = copy.deepcopy(document)
+    check = next(c for c in other["checks"] if isinstance(c.get("compressed"), float))
+    check["compressed"] += 1e-6
+    assert len(differences(document, other)) == 1
+    assert differences(document, other, atol=2e-6) == []
+    check["verdict"] = "fail" if check["verdict"] != "fail" else "pass"
+    assert len(differences(document, other, atol=1.0)) == 1  # a verdict is text: never within a tolerance
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(document))
+    second.write_text(json.dumps(other))
+    with pytest.raises(SystemExit):
+        compare_main(["--atol", "-1", str(first), str(second)])
+
+
+@pytest.mark.parametrize("name", ["h100-qwen3-30b-a3b.json", "h100-qwen3-30b-a3b-run2.json"])
+def test_stored_gpu_results_render(name: str) -> None:
+    """docs/performance.md says each stored GPU run re-renders with `python -m benchmarks.perf.summary FILE`."""
+    from benchmarks.perf.summary import summarize
+
+    report = json.loads((Path(__file__).resolve().parent.parent / "benchmarks/perf/results" / name).read_text())
+    text = summarize(report)
+    assert "| bbq | 17,628 |" in text and "| bbq | " in text.split("same items")[1]
+    assert "speedup" in text
