@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from benchmarks.drift_prompts import DriftPromptSet
+from benchmarks.fast_kernels import engine_key
 from benchmarks.generation import (
     Generation,
     GenerationSettings,
@@ -155,7 +156,7 @@ def _generations(models: _Models, path: Path, fingerprint: str, prompts: DriftPr
                  cache: ArtifactCache | None) -> tuple[list[Generation], str]:
     key = sha256_json({"protocol": PROTOCOL, "model": fingerprint, "prompts": prompts.fingerprint,
                        "prompt_ids": sha256_json(prompt_ids), "settings": settings.to_json(),
-                       "device": models.device, "versions": _versions()})
+                       "device": models.device, "versions": _versions(), **engine_key(models.device)})
 
     def compute() -> list[Generation]:
         model, tokenizer = models.get(path)
@@ -196,7 +197,7 @@ def _dense_scores(models: _Models, dense_fp: str, generations: list[Generation],
         return compute()
     key = sha256_json({"protocol": PROTOCOL, "scorer": dense_fp, "generations": generations_key,
                        "batch_size": settings.batch_size, "dtype": settings.dtype, "device": models.device,
-                       "versions": _versions()})
+                       "versions": _versions(), **engine_key(models.device)})
     entry = cache.get_or_build("drift-scores", key, lambda out: {"log_likelihoods": compute(),
                                                                  "scorer": dense_fp})
     return [float(x) for x in entry.manifest["log_likelihoods"]]

@@ -41,11 +41,14 @@ class Decoded:
 
 def decode_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: frozenset[int],
                  pad_id: int, device: str, temperatures: Sequence[float] | None = None, top_p: float = 1.0,
-                 generators: Sequence[torch.Generator | None] | None = None, top_k: int = 0) -> list[Decoded]:
+                 generators: Sequence[torch.Generator | None] | None = None, top_k: int = 0,
+                 mode: str = "auto") -> list[Decoded]:
     """Decode one batch (rows in the given order). `temperatures`/`generators`: per row, T = 0 is greedy;
-    `top_k` > 0 records the top-k raw log-probabilities at every step."""
+    `top_k` > 0 records the top-k raw log-probabilities at every step; `mode`: how forward passes run
+    (`benchmarks.decode_steps`: auto = CUDA graphs over a static cache on CUDA, the dynamic cache elsewhere)."""
     import torch
 
+    from benchmarks.decode_steps import make_steps, resolve_mode
     from benchmarks.generation import left_pad
 
     rows = len(prompts)
@@ -58,13 +61,9 @@ def decode_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens
     temp_column = torch.tensor(temps, dtype=torch.float32, device=device)[:, None]
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     chosen_steps, top_id_steps, top_lp_steps = [], [], []
-    cache = None
-    step_ids, step_positions = ids, positions
+    steps = make_steps(resolve_mode(mode, device, model), model, ids, mask, positions, max_new_tokens)
+    logits = steps.first()
     for step in range(max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :].float()
         if top_k:
             top = torch.log_softmax(logits, dim=-1).topk(top_k, dim=-1)
             top_id_steps.append(top.indices)
@@ -77,9 +76,8 @@ def decode_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens
         done = done | torch.isin(chosen, stops)
         if (step + 1) % SYNC_EVERY == 0 and bool(done.all()):
             break
-        step_ids = chosen[:, None]
-        step_positions = step_positions[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        if step + 1 < max_new_tokens:
+            logits = steps.next(chosen)
     return _cut(chosen_steps, top_id_steps, top_lp_steps, stop_ids, top_k)
 
 
@@ -121,7 +119,7 @@ def _cut(chosen_steps: list[Any], top_id_steps: list[Any], top_lp_steps: list[An
 
 
 def greedy_tokens(model: Any, contexts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: frozenset[int],
-                  pad_id: int, batch_size: int, device: str) -> list[list[int]]:
+                  pad_id: int, batch_size: int, device: str, mode: str = "auto") -> list[list[int]]:
     """Greedy continuations of many prompts: batches of similar length (sorted), results in input order."""
     import torch
 
@@ -132,6 +130,6 @@ def greedy_tokens(model: Any, contexts: Sequence[Sequence[int]], *, max_new_toke
         for start in range(0, len(order), size):
             batch = order[start:start + size]
             rows = decode_batch(model, [contexts[i] for i in batch], max_new_tokens=max_new_tokens,
-                                stop_ids=stop_ids, pad_id=pad_id, device=device)
+                                stop_ids=stop_ids, pad_id=pad_id, device=device, mode=mode)
             results.update((i, row.tokens.tolist()) for i, row in zip(batch, rows, strict=True))
     return [results[i] for i in range(len(contexts))]

@@ -14,7 +14,9 @@ post-processing stay lm-eval's own code, so only the places where HFLM spends th
   instead of `model.generate` at lm-eval's batch size; sampled requests go through HFLM.
 
 On CUDA, a checkpoint loaded from a path uses transformers' `grouped_mm` experts kernel unless model_args
-name another `experts_implementation` (8.8x the default eager loop on a 30B MoE, ../shared/notes/gpu.md).
+name another `experts_implementation` (8.8x the default eager loop on a 30B MoE, ../shared/notes/gpu.md), and
+then `benchmarks.fast_kernels` (the same experts' bits with fewer passes, GQA decoding without KV copies);
+greedy decoding replays CUDA graphs over a static KV cache (`benchmarks.decode_steps`).
 
 Model args beyond HFLM's: `pack_tokens` (row capacity, default 512), `batch_tokens` (rows x width per
 forward; 2,048 on CPU, 32,768 on CUDA), `gen_batch_size` (generation rows per batch; 64 CPU, 512 CUDA:
@@ -37,6 +39,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
 from benchmarks.fast_generation import greedy_tokens
+from benchmarks.fast_kernels import install
 from benchmarks.fast_tokenization import batchable, encode_requests
 from benchmarks.packing import attention_mask, batch_rows, layout_batch, pack_rows, plan_groups
 from fixtures.errors import ModelError
@@ -84,6 +87,8 @@ class SharedContextLM(HFLM):
             raise ValueError(f"need 2 <= pack_tokens <= batch_tokens and gen_batch_size >= 1, got "
                              f"{self.pack_tokens}, {self.batch_tokens}, {self.gen_batch_size}")
         self.stats = ScoringStats()
+        if on_cuda:  # the model may also have been handed over loaded (benchmarks.perf.gpu_suite)
+            self.stats.extra["kernels"] = install(self.model)
 
     # -- log-likelihoods --------------------------------------------------------------------------------
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:

@@ -60,6 +60,7 @@ def run_suite(lm: Any, names: tuple[str, ...], source: Any, limit: int | None, a
     from benchmarks.lmeval_runner import run_benchmarks
 
     rows = {} if rows is None else rows
+    use_kernels(lm.model, "ours" if scorer == "shared" else "transformers")
     for name in names:
         before = dict(lm.stats.to_json()) if hasattr(lm, "stats") else {}
         model_before = lm.model_seconds
@@ -82,6 +83,18 @@ def run_suite(lm: Any, names: tuple[str, ...], source: Any, limit: int | None, a
     return rows
 
 
+def use_kernels(model: Any, which: str) -> None:
+    """One in-memory model serves both paths: ours runs `benchmarks.fast_kernels`, lm-eval's HF backend (and the
+    reference drift engine) transformers' defaults for this model (grouped_mm experts, sdpa attention)."""
+    from benchmarks.fast_kernels import install
+
+    if which == "ours":
+        install(model)
+    else:
+        model.set_experts_implementation("grouped_mm")
+        model.set_attn_implementation("sdpa")
+
+
 def run_drift_once(model: Any, tokenizer: Any, source: Any, args: argparse.Namespace, engine: str,
                    prompts_per_benchmark: int, batch_size: int) -> dict[str, Any]:
     """One checkpoint's drift work: its generations (both temperatures) and their teacher-forced scores."""
@@ -92,6 +105,7 @@ def run_drift_once(model: Any, tokenizer: Any, source: Any, args: argparse.Names
     prompts = build_drift_prompts(source, per_benchmark=prompts_per_benchmark, seed=42)
     ids = encode_chat(tokenizer, [p.messages() for p in prompts])
     settings = GenerationSettings(max_new_tokens=args.drift_tokens, batch_size=batch_size, dtype=args.dtype)
+    use_kernels(model, "ours" if engine == "fast" else "transformers")
     _sync(args.device)
     started = time.perf_counter()
     gens = generate(model, tokenizer, ids, [p.prompt_id for p in prompts], settings, args.device, engine=engine)
