@@ -23,7 +23,10 @@ tokenizers, a tokenizer class that overrides `encode`/`__call__`/`_encode_plus`,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from lm_eval.api.model import TemplateLM
@@ -32,6 +35,7 @@ from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix
 from transformers import PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+PARALLELISM = "TOKENIZERS_PARALLELISM"
 CHUNK = 8192  # strings per tokenizer call: bounds the transient BatchEncoding, large enough to amortize overhead
 TokenRequest = tuple[tuple[str, str], list[int], list[int]]
 # (string, add_special_tokens given to tok_encode): None is lm-eval's default, False the empty-context case.
@@ -102,13 +106,35 @@ def _encode_all(lm: HFLM, keys: Sequence[_Key], chunk: int) -> dict[_Key, list[i
     for key in keys:
         by_kwargs.setdefault(_tok_encode_kwargs(lm, key, bos), []).append(key)
     ids: dict[_Key, list[int]] = {}
-    for kwargs, members in by_kwargs.items():
-        for start in range(0, len(members), chunk):
-            part = members[start:start + chunk]
-            encoded = lm.tokenizer([s for s, _ in part], return_attention_mask=False, return_token_type_ids=False,
-                                   **dict(kwargs))["input_ids"]
-            ids.update(zip(part, _as_lists(encoded), strict=True))
+    with rust_threads():
+        for kwargs, members in by_kwargs.items():
+            for start in range(0, len(members), chunk):
+                part = members[start:start + chunk]
+                encoded = lm.tokenizer([s for s, _ in part], return_attention_mask=False,
+                                       return_token_type_ids=False, **dict(kwargs))["input_ids"]
+                ids.update(zip(part, _as_lists(encoded), strict=True))
     return ids
+
+
+@contextmanager
+def rust_threads() -> Iterator[None]:
+    """The Rust tokenizer's thread pool for the enclosed batch calls (`encode_batch` splits a batch over it;
+    the order of the results is the input order, so the ids are the same), whatever TOKENIZERS_PARALLELISM
+    says outside them.
+
+    Why scoped: the audit keeps TOKENIZERS_PARALLELISM=false for everything else (a process that forks after the
+    pool ran would warn, and lm-eval and datasets fork), but BBQ's 211,536 requests are the largest host-side
+    cost of a GPU evaluation (docs/performance.md). The previous value is back on exit, so a later fork sees
+    parallelism configured off and the tokenizers library disables the pool in the child quietly."""
+    previous = os.environ.get(PARALLELISM)
+    os.environ[PARALLELISM] = "true"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[PARALLELISM]
+        else:
+            os.environ[PARALLELISM] = previous
 
 
 def _tok_encode_kwargs(lm: HFLM, key: _Key, bos: str) -> tuple[tuple[str, Any], ...]:
@@ -132,15 +158,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     import argparse
     import json
-    import os
     import tempfile
     import time
-    from pathlib import Path
 
-    from benchmarks import get_spec
     from benchmarks.fast_scoring import SharedContextLM
-    from benchmarks.lmeval_runner import _prepare
-    from fixtures.data import DataSource
     from fixtures.zoo import materialize_zoo_model
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -148,11 +169,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", default="qwen3-moe-tiny", help="zoo model whose tokenizer is used")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="fast-tok-"))
-    _, prepared = _prepare([get_spec(args.benchmark)], {args.benchmark: {}},
-                           DataSource(Path(os.environ.get("MOE_FBS_DATA_DIR", "../shared/data"))), work,
-                           limit=None, seed=0, max_gen_toks=16)
-    prepared[0].task.build_all_requests(samples=None)
-    requests = prepared[0].task.instances
+    requests = benchmark_requests(args.benchmark, Path(os.environ.get("MOE_FBS_DATA_DIR", "../shared/data")), work)
     path = materialize_zoo_model(args.model, Path(os.environ.get("MOE_FBS_CACHE_DIR", work / "cache")))
     # lm-eval's own model (the reference) and ours; `_loglikelihood_tokens` only records what it is given.
     ref, lm = (cls(pretrained=str(path), dtype="float32", device="cpu", batch_size=1)
@@ -177,6 +194,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     base = seconds["lm-eval per request"]
     print(json.dumps({"benchmark": args.benchmark, "requests": len(requests), "identical_tokens": True,
                       "seconds": seconds, "speedup": {k: round(base / v, 1) for k, v in seconds.items()}}))
+
+
+def benchmark_requests(benchmark: str, data_dir: Path, work: Path) -> list[Any]:
+    """Every lm-eval request instance of one benchmark on the full local data (what a scorer is handed)."""
+    from benchmarks import get_spec
+    from benchmarks.lmeval_runner import _prepare
+    from fixtures.data import DataSource
+
+    _, prepared = _prepare([get_spec(benchmark)], {benchmark: {}}, DataSource(data_dir), work,
+                           limit=None, seed=0, max_gen_toks=16)
+    prepared[0].task.build_all_requests(samples=None)
+    return list(prepared[0].task.instances)
 
 
 def _memoized(lm: Any, requests: Sequence[Any]) -> None:

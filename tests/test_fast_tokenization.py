@@ -167,3 +167,31 @@ def test_unbatchable_models_keep_lm_eval_path(lm: SharedContextLM) -> None:
 def _assert_unbatched_equal(lm: SharedContextLM, pairs: list[tuple[str, str]]) -> None:
     want = _token_requests(lm, pairs, reference=True)
     assert _token_requests(lm, pairs, reference=False) == want
+
+
+@pytest.mark.parametrize("outside", [None, "false", "true"])
+def test_rust_threads_are_scoped_to_the_batch_calls(lm: SharedContextLM, real_pairs: list[tuple[str, str]],
+                                                    monkeypatch: pytest.MonkeyPatch, outside: str | None) -> None:
+    """The thread pool is on inside the batch calls whatever the variable says outside, the variable is
+    restored afterwards (also when unset), and the ids equal lm-eval's (the pool keeps the input order)."""
+    import os
+
+    from benchmarks import fast_tokenization
+
+    if outside is None:
+        monkeypatch.delenv(fast_tokenization.PARALLELISM, raising=False)
+    else:
+        monkeypatch.setenv(fast_tokenization.PARALLELISM, outside)
+    seen: list[str | None] = []
+    real_call = type(lm.tokenizer).__call__
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(os.environ.get(fast_tokenization.PARALLELISM))
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(lm.tokenizer), "__call__", spy)
+    batched = encode_requests(lm, real_pairs[:400])
+    assert seen and set(seen) == {"true"}
+    assert os.environ.get(fast_tokenization.PARALLELISM) == outside
+    monkeypatch.setattr(type(lm.tokenizer), "__call__", real_call)
+    assert batched == _token_requests(lm, real_pairs[:400], reference=True)
