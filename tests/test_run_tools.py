@@ -139,7 +139,8 @@ def test_compare_atol_accepts_moved_digits_not_moved_verdicts(document: dict[str
         compare_main(["--atol", "-1", str(first), str(second)])
 
 
-@pytest.mark.parametrize("name", ["h100-qwen3-30b-a3b.json", "h100-qwen3-30b-a3b-run2.json"])
+@pytest.mark.parametrize("name", ["h100-qwen3-30b-a3b.json", "h100-qwen3-30b-a3b-run2.json",
+                                  "h200-qwen3-30b-a3b-run3.json"])
 def test_stored_gpu_results_render(name: str) -> None:
     """docs/performance.md says each stored GPU run re-renders with `python -m benchmarks.perf.summary FILE`."""
     from benchmarks.perf.summary import summarize
