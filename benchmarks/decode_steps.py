@@ -14,7 +14,7 @@ launch. A graph replays fixed shapes and addresses, so the step needs a static K
   only themselves (a fully blocked row would be NaN). With `graph=True` (CUDA only) the first decode step runs
   eagerly (it warms up kernels and workspaces), the second is captured, and every later step is a replay;
   if capture fails (an op that needs the host mid-step, on some architecture), the steps stay eager and
-  `fallbacks` counts it, with a warning: slower, never different.
+  `USED["graph-fallback"]` counts it, with a warning: slower, never different.
 
 Attention over a static cache sees masked slots as well, so its float sums may group differently from the
 dynamic path's: tokens equal, log-probs within float rounding (tested on CPU); the graph replays exactly the
@@ -104,7 +104,6 @@ class StaticSteps:
         self.steps = 0
         self._graph: Any = None
         self._graph_logits: torch.Tensor | None = None
-        self.fallbacks = 0
 
     def first(self) -> torch.Tensor:
         out = self.model(input_ids=self._prompt, attention_mask=self.prefill_mask,
@@ -148,7 +147,6 @@ class StaticSteps:
             with torch.cuda.graph(graph):
                 logits = self._step()
         except Exception as exc:  # an op that syncs with the host, or one graphs do not support
-            self.fallbacks += 1
             USED["graph-fallback"] += 1
             warnings.warn(f"CUDA graph capture of a decode step failed ({type(exc).__name__}: {exc}); "
                           "decoding this batch eagerly", RuntimeWarning, stacklevel=3)

@@ -106,5 +106,12 @@ def install(model: Any) -> dict[str, str]:
             "attention": str(getattr(config, "_attn_implementation", None))}
 
 
+def uninstall(model: Any) -> None:
+    """Back to transformers' defaults for a fused-experts model (grouped_mm experts, sdpa attention): what
+    lm-eval's HF backend runs; the perf scripts time both paths on one in-memory model."""
+    model.set_experts_implementation("grouped_mm")
+    model.set_attn_implementation("sdpa")
+
+
 def _has_fused_experts(model: Any) -> bool:
     return any(hasattr(module, "has_gate") and hasattr(module, "num_experts") for module in model.modules())

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +62,11 @@ def batchable(lm: Any, same_tok_encode: Sequence[Callable[..., Any]] = ()) -> bo
     )
 
 
-def encode_requests(lm: HFLM, pairs: Sequence[tuple[str, str]], chunk: int = CHUNK) -> list[TokenRequest]:
+def encode_requests(lm: HFLM, pairs: Sequence[tuple[str, str]], chunk: int = CHUNK,
+                    threads: bool = True) -> list[TokenRequest]:
     """`TemplateLM.loglikelihood`'s `(pair, context_ids, continuation_ids)` list for `pairs`, encoded in
-    batches. Only valid where `batchable(lm)`; raises what lm-eval raises (IndexError for an empty
-    continuation after an empty context)."""
+    batches (on the Rust tokenizer's thread pool unless `threads` is False: `rust_threads`). Only valid where
+    `batchable(lm)`; raises what lm-eval raises (IndexError for an empty continuation after an empty context)."""
     keys: dict[_Key, None] = {}
     for context, continuation in pairs:
         if context == "":
@@ -74,7 +75,7 @@ def encode_requests(lm: HFLM, pairs: Sequence[tuple[str, str]], chunk: int = CHU
             head, tail = _move_whitespace(context, continuation)
             keys[(head + tail, None)] = None
             keys[(head, None)] = None
-    ids = _encode_all(lm, list(keys), chunk)
+    ids = _encode_all(lm, list(keys), chunk, threads)
     prefix = lm.prefix_token_id
     out: list[TokenRequest] = []
     for context, continuation in pairs:
@@ -98,7 +99,7 @@ def _move_whitespace(context: str, continuation: str) -> tuple[str, str]:
     return context, continuation
 
 
-def _encode_all(lm: HFLM, keys: Sequence[_Key], chunk: int) -> dict[_Key, list[int]]:
+def _encode_all(lm: HFLM, keys: Sequence[_Key], chunk: int, threads: bool) -> dict[_Key, list[int]]:
     """Token ids of each (string, add_special_tokens) key, with `HFLM.tok_encode`'s keyword arguments: keys
     that resolve to the same arguments share batched tokenizer calls of up to `chunk` strings."""
     bos = lm.tokenizer.decode(lm.prefix_token_id)
@@ -106,7 +107,7 @@ def _encode_all(lm: HFLM, keys: Sequence[_Key], chunk: int) -> dict[_Key, list[i
     for key in keys:
         by_kwargs.setdefault(_tok_encode_kwargs(lm, key, bos), []).append(key)
     ids: dict[_Key, list[int]] = {}
-    with rust_threads():
+    with rust_threads() if threads else nullcontext():
         for kwargs, members in by_kwargs.items():
             for start in range(0, len(members), chunk):
                 part = members[start:start + chunk]

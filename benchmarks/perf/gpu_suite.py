@@ -85,14 +85,13 @@ def run_suite(lm: Any, names: tuple[str, ...], source: Any, limit: int | None, a
 
 def use_kernels(model: Any, which: str) -> None:
     """One in-memory model serves both paths: ours runs `benchmarks.fast_kernels`, lm-eval's HF backend (and the
-    reference drift engine) transformers' defaults for this model (grouped_mm experts, sdpa attention)."""
-    from benchmarks.fast_kernels import install
+    reference drift engine) transformers' defaults for this model."""
+    from benchmarks import fast_kernels
 
     if which == "ours":
-        install(model)
+        fast_kernels.install(model)
     else:
-        model.set_experts_implementation("grouped_mm")
-        model.set_attn_implementation("sdpa")
+        fast_kernels.uninstall(model)
 
 
 def run_drift_once(model: Any, tokenizer: Any, source: Any, args: argparse.Namespace, engine: str,

@@ -15,7 +15,6 @@ Prints one table per section and writes probe.json (and the profiler table) to O
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -47,13 +46,9 @@ def _timed(fn: Any, repeat: int = 3) -> float:
 
 def kernels(model: Any, mode: str) -> None:
     """`+ours` in a mode name: benchmarks.fast_kernels' experts and attention; otherwise transformers'."""
-    from benchmarks import fast_kernels
+    from benchmarks.perf.gpu_suite import use_kernels
 
-    if mode.endswith("+ours"):
-        fast_kernels.install(model)
-    else:
-        model.set_experts_implementation("grouped_mm")
-        model.set_attn_implementation("sdpa")
+    use_kernels(model, "ours" if mode.endswith("+ours") else "transformers")
 
 
 def decode_section(model: Any, device: str, batches: list[int], new_tokens: int,
@@ -231,16 +226,10 @@ def tokenize_section(data_dir: Path, out: Path) -> list[dict[str, Any]]:
                                       "cores": os.cpu_count()}]
     ids = {}
     for threads in (False, True):
-        scoped = fast_tokenization.rust_threads
-        if not threads:
-            fast_tokenization.rust_threads = contextlib.nullcontext  # type: ignore[assignment]
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        try:
-            started = time.perf_counter()
-            ids[threads] = fast_tokenization.encode_requests(lm, requests)
-            results.append({"rust_threads": threads, "seconds": time.perf_counter() - started})
-        finally:
-            fast_tokenization.rust_threads = scoped
+        started = time.perf_counter()
+        ids[threads] = fast_tokenization.encode_requests(lm, requests, threads=threads)
+        results.append({"rust_threads": threads, "seconds": time.perf_counter() - started})
         print(json.dumps(results[-1]), flush=True)
     results.append({"same_ids": ids[False] == ids[True]})
     print(json.dumps(results[0] | results[-1]), flush=True)
