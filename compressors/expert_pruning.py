@@ -84,9 +84,8 @@ class ObservedExpertCompressor(ExpertCompressor):
             observation, observer = observation_for(model, model_dir, dataset, cache_dir)
         with watch.phase("edit"):
             experts_after, details = self.edit(blocks, check_layers(observation, blocks), info, removed)
-        with watch.phase("save_verify"):
-            verification, count_keys = save_verified(model, tokenizer, out_dir, num_experts=experts_after,
-                                                     seed=seed)
+        verification, count_keys = save_verified(model, tokenizer, out_dir, num_experts=experts_after,
+                                                 seed=seed, watch=watch)
         sizes = measurements(watch, model_dir, out_dir)
         observer["load_seconds"] = watch.phases["observer"]  # this run: the pass, or reading the cache entry
         return {
@@ -262,10 +261,10 @@ def compress_with_modifier(method: REAPCompressor, model_dir: Path, calibration:
     records = recipe._records
     if set(records) != set(kept):
         raise CompressionError(f"REAP saliency recorded for {sorted(records)} but pruned {sorted(kept)}")
-    with watch.phase("save_verify"):
+    with watch.phase("finish"):
         repack_experts(model)  # Mixtral reloads silently wrong from per-expert Linear keys (llmcompressor.md §5f)
-        verification, count_keys = save_verified(model, tokenizer, out_dir, num_experts=info.num_experts - removed,
-                                                 seed=seed)
+    verification, count_keys = save_verified(model, tokenizer, out_dir, num_experts=info.num_experts - removed,
+                                             seed=seed, watch=watch)
     del model, recipe
     release_session()
     return {

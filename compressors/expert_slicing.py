@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compressors.runtime import save_checkpoint, set_expert_count
+from compressors.runtime import Stopwatch, save_checkpoint, set_expert_count
 from compressors.verify import reference, verify_checkpoint
 from fixtures.errors import CompressionError
 
@@ -164,11 +164,16 @@ def prune_block(block: MoEBlock, keep: Sequence[int]) -> None:
 
 
 def save_verified(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path, *,
-                  num_experts: int, seed: int) -> tuple[dict[str, Any], list[str]]:
+                  num_experts: int, seed: int, watch: Stopwatch | None = None) -> tuple[dict[str, Any], list[str]]:
     """Write the new expert count to the config, save, reload with plain transformers and compare logits.
 
-    Returns (verification record, config keys written); CompressionError on any discrepancy."""
+    Returns (verification record, config keys written); CompressionError on any discrepancy. With `watch`,
+    the reference forward, the save and the reload check are timed as phases of their own."""
+    watch = watch or Stopwatch()
     count_keys = set_expert_count(model, num_experts)
-    ref = reference(model, seed=seed)
-    save_checkpoint(model, tokenizer, out_dir, compressed=False)
-    return verify_checkpoint(out_dir, ref, expected_num_experts=num_experts), count_keys
+    with watch.phase("reference"):
+        ref = reference(model, seed=seed)
+    with watch.phase("save"):
+        save_checkpoint(model, tokenizer, out_dir, compressed=False)
+    with watch.phase("verify"):
+        return verify_checkpoint(out_dir, ref, expected_num_experts=num_experts), count_keys

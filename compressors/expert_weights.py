@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from compressors.base import Compressor, MethodSpec, MoEInfo
 from compressors.llmc_patches import release_session, run_oneshot
 from compressors.measure import measure_reloaded, stored_bits, summarize
+from compressors.resources import release_accelerator_memory
 from compressors.runtime import (
     EXPERT_TARGET,
     Stopwatch,
@@ -81,27 +82,34 @@ class ExpertWeightCompressor(Compressor):
         dataset = check_calibration(calibration, self.name) if self.needs_calibration else None
         seed_everything(seed)
         with watch.phase("load"):
-            model, tokenizer = load_model(model_dir)
+            model, tokenizer = load_model(model_dir, device)
             linears = expert_linears(model)
+        with watch.phase("hash"):
             untouched = non_expert_state(model)
         with watch.phase("oneshot"):
             modifiers, settings = self.recipe(spec, linears, seed)
             run_oneshot(model, tokenizer, dataset, modifiers, calibrate_all_experts=True)
-        check_untouched(untouched, model, self.name)
-        with watch.phase("save"):
+        with watch.phase("hash"):
+            check_untouched(untouched, model, self.name)
+        with watch.phase("finish"):
             storage, args = self.finish(model, info, settings)
-            with self.reference_view(model):
-                ref = reference(model, seed=seed)
+        with watch.phase("reference"), self.reference_view(model):
+            ref = reference(model, seed=seed)
+        with watch.phase("save"):
             save_checkpoint(model, tokenizer, out_dir, compressed=self.save_compressed)
         recipe_names = [type(m).__name__ for m in modifiers]
-        del model, modifiers
+        linear_names = set(linears)
+        del model, modifiers, linears  # the modules would keep the in-memory weights alive during the reload
+        release_accelerator_memory()
         release_session()
         groups = {name: facts.get("levels_group") for name, facts in args.items()}
         with watch.phase("verify"):
             verification = verify_checkpoint(out_dir, ref, expected_num_experts=info.num_experts,
                                              inspect=lambda reloaded: measure_reloaded(reloaded, groups))
-        tensors = expert_tensor_records(out_dir, storage, set(linears), args, verification.pop("inspected"),
+        tensors = expert_tensor_records(out_dir, storage, linear_names, args, verification.pop("inspected"),
                                         self.name)
+        with watch.phase("hash"):
+            weights_sha256 = checkpoint_sha256(out_dir)
         return {
             "method": spec.to_json(), "label": spec.label(), "family": self.family,
             "model": {"architecture": info.architecture, "num_experts": info.num_experts, "top_k": info.top_k,
@@ -110,7 +118,7 @@ class ExpertWeightCompressor(Compressor):
             "storage": storage, "untouched": {"tensors": len(untouched), "bit_identical": True},
             "summary": summarize(tensors), "expert_tensors": tensors,
             "calibration": calibration_record(dataset), "calibration_rows": len(dataset) if dataset is not None else 0,
-            "seed": seed, "seed_dependent": self.seed_dependent, "weights_sha256": checkpoint_sha256(out_dir),
+            "seed": seed, "seed_dependent": self.seed_dependent, "weights_sha256": weights_sha256,
             "verification": verification, **measurements(watch, model_dir, out_dir),
         }
 

@@ -80,6 +80,32 @@ def _make_cpu_safe_pin_memory(original: Callable[..., Any]) -> Callable[..., Any
     return pin_memory
 
 
+_CALIBRATING: set[int] = set()  # ids of models inside a `calibration_forward_context` (shared by both patches)
+
+
+def _make_reentrant_calibration_context(original: Callable[..., Any]) -> Callable[..., Any]:
+    # Measured on an H200 (2.8B Qwen3-MoE, AWQ W4A16; docs/performance.md): AWQ's `_apply_smoothing` enters
+    # `calibration_forward_context(model)` once per mapping, i.e. once per expert (1,024 times for 16 layers x
+    # 64 experts), although the sequential pipeline already holds that context around it; each entry and exit
+    # walks the whole model twice (`eval_context` = `model.train(False)` and back), 45% of AWQ's time. The
+    # nested entry sets exactly what the outer one set (no grad, no KV cache, eval mode, no HF kernels, no LM
+    # head, attention as patched above), so for a model already inside the context it is a no-op here.
+    @contextlib.contextmanager
+    def calibration_forward_context(model: Any) -> Iterator[None]:
+        if id(model) in _CALIBRATING:
+            yield
+            return
+        _CALIBRATING.add(id(model))
+        try:
+            with original(model):
+                yield
+        finally:
+            _CALIBRATING.discard(id(model))
+
+    calibration_forward_context.__wrapped__ = original  # type: ignore[attr-defined]
+    return calibration_forward_context
+
+
 @dataclass(frozen=True)
 class _Patch:
     module: str  # the module whose global (or class) the caller looks up at call time
@@ -99,6 +125,10 @@ _PATCHES: tuple[_Patch, ...] = (
     _Patch("llmcompressor.utils.helpers", "use_eager_attention", _make_keep_attention),
     _Patch("llmcompressor.modifiers.pruning.reap.base", "prune_moe_layer", _make_prune_with_statics),
     _Patch("llmcompressor.pipelines.cache", "IntermediatesCache.pin_memory", _make_cpu_safe_pin_memory),
+    _Patch("llmcompressor.pipelines.sequential.pipeline", "calibration_forward_context",
+           _make_reentrant_calibration_context),
+    _Patch("llmcompressor.modifiers.transform.awq.base", "calibration_forward_context",
+           _make_reentrant_calibration_context),
 )
 
 _LOCK = threading.RLock()
@@ -145,11 +175,35 @@ def _restore() -> None:
         setattr(module, attribute, original)
 
 
+# Calibration tokens per batch on an accelerator: the sequential pipeline runs every expert's Linear loop, its
+# hooks and (AWQ) every grid point once per batch, so 64 rows at batch 1 cost 64x the Python and launch work
+# of one batch. 16,384 tokens of activations per layer are a few hundred MB even at hidden 4096.
+ACCELERATOR_BATCH_TOKENS = 16384
+
+
+def calibration_batch_size(rows: int, seq_len: int, device_type: str) -> int:
+    """Rows per calibration batch: 1 on the CPU (the reference path, unchanged); on an accelerator as many
+    equal-length, unpadded rows as fit `ACCELERATOR_BATCH_TOKENS` (batching them changes no semantics: no row
+    is padded, so the causal mask stays exact)."""
+    if device_type == "cpu":
+        return 1
+    return max(1, min(rows, ACCELERATOR_BATCH_TOKENS // max(seq_len, 1)))
+
+
+def model_device(model: PreTrainedModel) -> Any:
+    import torch
+
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def run_oneshot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: datasets.Dataset | None,
                 recipe: Any, *, calibrate_all_experts: bool, propagate_error: bool = True) -> None:
     """`llmcompressor.oneshot` in place on `model`, patched, over every calibration row in order.
 
-    Sequential pipeline, batch 1, no shuffling, no truncation (`max_seq_length` = the row length).
+    Sequential pipeline, no shuffling, no truncation (`max_seq_length` = the row length). On the CPU batch 1
+    with activations kept in host memory, as always; with the model on an accelerator `calibration_batch_size`
+    rows per batch and the activations between layers kept on the model's device (no host round trips).
     `calibrate_all_experts` (llmcompressor.md §5d): every expert sees every token — keep True for
     quantization/pruning of expert weights (an expert without tokens is zeroed silently otherwise).
     `propagate_error=False` feeds each layer the *uncompressed* outputs of the previous one (one pass of
@@ -163,6 +217,8 @@ def run_oneshot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data
             oneshot(model=model, processor=cast(Any, tokenizer), recipe=recipe, pipeline="datafree")
             return
         n_rows, seq_len = len(dataset), len(dataset[0]["input_ids"])
+        device = model_device(model)
+        on_accelerator: dict[str, Any] = {} if device.type == "cpu" else {"sequential_offload_device": str(device)}
         oneshot(
             model=model,
             processor=cast(Any, tokenizer),  # a tokenizer is a valid processor
@@ -171,10 +227,11 @@ def run_oneshot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data
             num_calibration_samples=n_rows,
             max_seq_length=seq_len,
             shuffle_calibration_samples=False,
-            batch_size=1,
+            batch_size=calibration_batch_size(n_rows, seq_len, device.type),
             pipeline="sequential",
             moe_calibrate_all_experts=calibrate_all_experts,
             propagate_error=propagate_error,
+            **on_accelerator,
         )
 
 

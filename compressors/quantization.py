@@ -163,8 +163,9 @@ class WeightQuantizer(ExpertWeightCompressor):
     presets: ClassVar[dict[str, QuantPreset]]  # scheme -> preset
 
     @abstractmethod
-    def modifiers(self, scheme: Any) -> list[Any]:
-        """The llm-compressor modifiers applying the compressed-tensors `scheme` to the experts."""
+    def modifiers(self, scheme: Any, device_type: str = "cpu") -> list[Any]:
+        """The llm-compressor modifiers applying the compressed-tensors `scheme` to the experts, for experts
+        held on a `device_type` device."""
         ...
 
     def validate(self, spec: MethodSpec, model_info: MoEInfo) -> None:
@@ -178,7 +179,8 @@ class WeightQuantizer(ExpertWeightCompressor):
         preset = self.presets[spec.scheme.lower()]
         group = choose_group_size({int(m.in_features) for m in linears.values()}) if preset.grouped else None
         settings = {"preset": preset.preset, "format": preset.format, "group_size": group}
-        return self.modifiers(expert_scheme(preset, group)), settings
+        device_type = next(iter(linears.values())).weight.device.type if linears else "cpu"
+        return self.modifiers(expert_scheme(preset, group), device_type), settings
 
     def finish(self, model: PreTrainedModel, info: MoEInfo,
                settings: dict[str, Any]) -> tuple[str, dict[str, dict[str, Any]]]:
@@ -206,7 +208,7 @@ class GPTQCompressor(WeightQuantizer):
     default_schemes: ClassVar[tuple[str, ...]] = ("w4a16",)
     presets: ClassVar[dict[str, QuantPreset]] = INT_PRESETS
 
-    def modifiers(self, scheme: Any) -> list[Any]:
+    def modifiers(self, scheme: Any, device_type: str = "cpu") -> list[Any]:
         from llmcompressor.modifiers.quantization import GPTQModifier
 
         return [GPTQModifier(config_groups={"group_0": scheme}, ignore=IGNORE)]
@@ -222,11 +224,16 @@ class AWQCompressor(WeightQuantizer):
     default_schemes: ClassVar[tuple[str, ...]] = ("w4a16",)
     presets: ClassVar[dict[str, QuantPreset]] = {k: INT_PRESETS[k] for k in schemes}
 
-    def modifiers(self, scheme: Any) -> list[Any]:
+    def modifiers(self, scheme: Any, device_type: str = "cpu") -> list[Any]:
         from llmcompressor.modifiers.quantization import QuantizationModifier
         from llmcompressor.modifiers.transform.awq import AWQMapping, AWQModifier
 
-        return [AWQModifier(mappings=[AWQMapping(*AWQ_EXPERT_MAPPING)]),
+        # On an accelerator the per-expert input cache stays there: AWQ's grid search replays it for each of
+        # its 20 grid points, and from host memory (llmcompressor's MoE default) that is ~20 copies of every
+        # layer's activations per expert over PCIe (the 2.8B model's AWQ took > 500 s that way). On the CPU
+        # llmcompressor's default (host) is the only choice anyway.
+        placement: dict[str, Any] = {} if device_type == "cpu" else {"offload_device": None}
+        return [AWQModifier(mappings=[AWQMapping(*AWQ_EXPERT_MAPPING)], **placement),
                 QuantizationModifier(config_groups={"group_0": scheme}, ignore=IGNORE)]
 
 
@@ -241,7 +248,7 @@ class FP8Compressor(WeightQuantizer):
     presets: ClassVar[dict[str, QuantPreset]] = {"w8a8": QuantPreset("FP8_DYNAMIC", "float-quantized", False)}
     needs_calibration: ClassVar[bool] = False
 
-    def modifiers(self, scheme: Any) -> list[Any]:
+    def modifiers(self, scheme: Any, device_type: str = "cpu") -> list[Any]:
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
         return [QuantizationModifier(config_groups={"group_0": scheme}, ignore=IGNORE)]

@@ -87,12 +87,20 @@ def calibration_record(dataset: datasets.Dataset | None) -> dict[str, Any] | Non
 
 
 def load_model(model_dir: Path, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model in its stored dtype on `device` (CPU for llmcompressor, which onloads layer by layer), and its
-    tokenizer. Experts keep transformers' default implementation: the observer hooks see its call."""
+    """The model in its stored dtype on `device`, and its tokenizer. Experts keep transformers' default
+    implementation: the observer hooks see its call.
+
+    On an accelerator the weights are read straight onto it (`device_map`), never into a full host copy
+    (a 30B MoE would otherwise need ~60 GB of host memory first); llmcompressor's pipelines then find every
+    module already on its execution device and move nothing. The CPU path loads as it always did."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
-    model.to(device).eval()
+    if device == "cpu":
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+        model.to(device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map=device)
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model, tokenizer
 
@@ -181,6 +189,11 @@ def set_expert_count(model: PreTrainedModel, count: int) -> list[str]:
     return written
 
 
+# Shards bound the host memory of a save: safetensors serialises a whole shard in host memory before writing it
+# (transformers' default is one 50 GB shard). Small models still fit one file.
+MAX_SHARD_SIZE = "2GB"
+
+
 def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path, *,
                     compressed: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -188,9 +201,9 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         # llmcompressor.md §6: harmless on CPU (llmcompressor attaches an offload cache to every module).
         warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
         if compressed:
-            model.save_pretrained(out_dir, save_compressed=True)
+            model.save_pretrained(out_dir, save_compressed=True, max_shard_size=MAX_SHARD_SIZE)
         else:
-            model.save_pretrained(out_dir)
+            model.save_pretrained(out_dir, max_shard_size=MAX_SHARD_SIZE)
     tokenizer.save_pretrained(out_dir)
 
 
