@@ -41,12 +41,15 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def build_random_model(shape: str, device: str, dtype: str, decodable_ids: int, seed: int = 0) -> Any:
-    """The Qwen3-MoE of `shape` on `device` in `dtype`, eval mode, grouped_mm experts on CUDA."""
+def build_random_model(shape: str, device: str, dtype: str, decodable_ids: int, seed: int = 0,
+                       layers: int | None = None) -> Any:
+    """The Qwen3-MoE of `shape` on `device` in `dtype`, eval mode, grouped_mm experts on CUDA. `layers`
+    keeps the shape's layer geometry with fewer decoder layers (per-layer costs are the full model's)."""
     import torch
     import transformers
 
-    config = transformers.Qwen3MoeConfig(**SHAPES[shape], **ZOO_TOKEN_IDS)
+    fields = {**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}
+    config = transformers.Qwen3MoeConfig(**fields, **ZOO_TOKEN_IDS)
     torch.manual_seed(seed)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
@@ -61,7 +64,8 @@ def parameter_count(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_random_model(shape: str, out_dir: Path, device: str, dtype: str, seed: int = 0) -> int:
+def save_random_model(shape: str, out_dir: Path, device: str, dtype: str, seed: int = 0,
+                      layers: int | None = None) -> int:
     """Write the model of `shape` with the zoo tokenizer as a local HF directory (`--model DIR` of the audit).
 
     Built on `device` (a GPU initialises 3B parameters in seconds), saved as safetensors; returns the parameter
@@ -70,7 +74,7 @@ def save_random_model(shape: str, out_dir: Path, device: str, dtype: str, seed: 
 
     from fixtures.tokenizer import VOCAB_SIZE, load_zoo_tokenizer
 
-    model = build_random_model(shape, device, dtype, VOCAB_SIZE, seed=seed)
+    model = build_random_model(shape, device, dtype, VOCAB_SIZE, seed=seed, layers=layers)
     if device.startswith("cuda"):
         model.set_experts_implementation("eager")  # the saved config keeps transformers' default
     partial = out_dir.with_name(out_dir.name + ".partial")
@@ -87,12 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the shape's own)")
     args = parser.parse_args(argv)
     if args.out.exists():
         print(f"random model: {args.out} exists, kept")
         return 0
     started = time.perf_counter()
-    count = save_random_model(args.shape, args.out, args.device, args.dtype)
+    count = save_random_model(args.shape, args.out, args.device, args.dtype, layers=args.layers)
     print(f"random model {args.shape}: {count / 1e9:.2f}B parameters saved to {args.out} "
           f"in {time.perf_counter() - started:.1f} s")
     return 0
