@@ -100,7 +100,7 @@ def logit_tolerance(want: torch.Tensor, dtype: torch.dtype | str) -> torch.Tenso
     name = dtype_name(dtype)
     rows = (*want.shape[:-1], 1)
     if name in ABSOLUTE_TOLERANCES:
-        return torch.full(rows, ABSOLUTE_TOLERANCES[name])
+        return torch.full(rows, ABSOLUTE_TOLERANCES[name], dtype=torch.float64)  # the exact constant, as before
     return ULPS[name] * spacing(want.abs().amax(dim=-1, keepdim=True), name)
 
 

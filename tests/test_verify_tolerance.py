@@ -84,7 +84,8 @@ def test_widespread_small_noise_fails_by_its_share() -> None:
 
 def test_float32_keeps_its_flat_tolerance() -> None:
     want = _bf16_logits(4)
-    assert torch.equal(logit_tolerance(want, "float32"), torch.full((2, 8, 1), 1e-4))
+    assert torch.equal(logit_tolerance(want, "float32"), torch.full((2, 8, 1), 1e-4, dtype=torch.float64))
+    assert logit_problems(want, want, "float32")[0]["tolerance"] == 1e-4
     assert logit_problems(want + 5e-5, want, "float32")[1] == ""
     assert "> tolerance 0.0001" in logit_problems(want + 2e-4, want, "float32")[1]
 
