@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from typing import Any
 
 import pytest
@@ -24,7 +23,6 @@ ENV = "MOE_FBS_OUTCOME_LOG"
 PROFILE_ENV = "MOE_FBS_STACK_PROFILE"
 PROFILE_EVERY_S = 30.0
 _sampler: Any = None
-_last_written = 0.0
 
 
 def outcome(report: pytest.TestReport) -> dict[str, Any] | None:
@@ -47,26 +45,17 @@ def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get(PROFILE_ENV) and not hasattr(config, "workerinput"):
         from benchmarks.perf.stack_sampler import StackSampler
 
-        _sampler = StackSampler()
+        _sampler = StackSampler(write_to=os.environ[PROFILE_ENV], write_every=PROFILE_EVERY_S)
         _sampler.start()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _sampler is not None:
         _sampler.stop()
-        _write_profile()
-
-
-def _write_profile() -> None:
-    global _last_written
-    _last_written = time.monotonic()
-    with open(os.environ[PROFILE_ENV], "w", encoding="utf-8") as handle:
-        handle.write(_sampler.report())
+        _sampler.write()
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if _sampler is not None and time.monotonic() - _last_written > PROFILE_EVERY_S:
-        _write_profile()
     path = os.environ.get(ENV)
     line = outcome(report)
     if not path or line is None:

@@ -37,8 +37,13 @@ def _label(frame: FrameType) -> str:
 class StackSampler:
     """`start()` in the thread to watch, `stop()`, then `report()`."""
 
-    def __init__(self, interval: float = INTERVAL_SECONDS) -> None:
+    def __init__(self, interval: float = INTERVAL_SECONDS, *, write_to: str | None = None,
+                 write_every: float = 30.0) -> None:
         self.interval = interval
+        # The sampling thread itself rewrites `write_to` every `write_every` s: a long build that never
+        # returns to pytest (and a run cut short inside it) still leaves a profile of where it is stuck.
+        self.write_to, self.write_every = write_to, write_every
+        self._written = time.monotonic()
         self.inclusive: Counter[str] = Counter()
         self.own: Counter[str] = Counter()
         self.samples = 0
@@ -66,6 +71,15 @@ class StackSampler:
                 seen.add(_label(frame))
                 frame = frame.f_back
             self.inclusive.update(seen)
+            if self.write_to and time.monotonic() - self._written > self.write_every:
+                self.write()
+
+    def write(self) -> None:
+        """The report so far to `write_to` (called from the sampling thread, or after `stop`)."""
+        assert self.write_to is not None
+        self._written = time.monotonic()
+        with open(self.write_to, "w", encoding="utf-8") as handle:
+            handle.write(self.report())
 
     def report(self, top: int = 60) -> str:
         seconds = self.interval
