@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# Imported before any in-process pytester run: a run that imports scipy first drops numpy.fft from sys.modules
+# when it ends, and the next import fails ("cannot load module more than once per process").
+import scipy.stats  # noqa: F401
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR_ENV = "MOE_FBS_DATA_DIR"
 

@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -137,6 +138,47 @@ def targets(row: dict[str, Any]) -> dict[str, bool | None]:
     }
 
 
+class DiskPeak:
+    """The cache directory's largest size during the run, sampled every `every_s` seconds by a thread (a
+    checkpoint stays whole on disk for its save, reload check and evaluation: many samples long)."""
+
+    def __init__(self, root: Path, every_s: float = 1.0) -> None:
+        self.root, self.every_s, self.peak_bytes = root, every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _size(self) -> int:
+        from fixtures.cache import ArtifactCache
+
+        try:
+            return sum(usage.bytes for usage in ArtifactCache(self.root).usage())
+        except OSError:  # an entry renamed while walking: the next sample counts it
+            return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.peak_bytes = max(self.peak_bytes, self._size())
+
+    def __enter__(self) -> DiskPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self._size())
+
+
+def disk_record(peak_cache_bytes: int, rows: list[dict[str, Any]], facts: dict[str, Any]) -> dict[str, Any]:
+    """Peak disk of the run (dense model + the cache's peak) against dense + 2 checkpoints (issue 17 item 5)."""
+    largest = max((int(row["checkpoint_bytes"]) for row in rows if row.get("checkpoint_bytes")), default=0)
+    bound = facts["bytes"] + 2 * largest
+    return {"peak_cache_bytes": peak_cache_bytes, "dense_model_bytes": facts["bytes"],
+            "largest_checkpoint_bytes": largest, "peak_disk_bytes": facts["bytes"] + peak_cache_bytes,
+            "bound_dense_plus_2_checkpoints": bound,
+            "within_bound": facts["bytes"] + peak_cache_bytes <= bound if largest else None}
+
+
 def run_pytest(pytest_args: list[str], model_dir: Path, cache_dir: Path, report_dir: Path, outcomes: Path,
                budget_s: float | None) -> tuple[int | None, float]:
     command = [sys.executable, "-m", "pytest", "audits", "-p", "no:cacheprovider", "-p", "benchmarks.perf.outcome_log",
@@ -168,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     pytest_args = [a for a in args.pytest_args if a != "--"]
     outcomes = args.out.with_suffix(".outcomes.jsonl")
     outcomes.unlink(missing_ok=True)
-    status, wall = run_pytest(pytest_args, args.model, args.cache_dir, args.report_dir, outcomes, args.budget_s)
+    with DiskPeak(args.cache_dir) as disk:
+        status, wall = run_pytest(pytest_args, args.model, args.cache_dir, args.report_dir, outcomes,
+                                  args.budget_s)
     facts = model_facts(args.model)
     scale = projection(facts, args.full_layers)
     checks = checks_by_checkpoint(read_outcomes(outcomes))
@@ -176,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ids = sorted(set(built) | set(checks) - {"dense", "None"})
     rows = [record(i, built.get(i), checks.get(i), facts, scale, args.dtype) for i in ids]
     payload = {"machine": args.machine, "model": facts, "pytest_args": pytest_args, "pytest_exit": status,
-               "wall_seconds": wall, "projection": scale, "records": rows}
+               "wall_seconds": wall, "projection": scale, "records": rows,
+               "disk": disk_record(disk.peak_bytes, rows, facts)}
     args.out.write_text(json.dumps(payload, indent=2, sort_keys=True), encoding="utf-8")
     states = Counter(row["status"] for row in rows)
     print(f"compress_scale: {len(rows)} checkpoints ({dict(states)}), pytest exit {status}, {wall} s -> {args.out}")
