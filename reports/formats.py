@@ -68,7 +68,8 @@ def _render(kind: str, name: str, document: dict[str, Any], template_dir: Path |
     confidence = next((c.get("confidence") for c in document.get("checks", []) if c.get("confidence")), 0.95)
     return str(env.get_template(name).render(
         doc=document, tables=tables, table=tables[0], flips=flip_rows(document), confidence=confidence,
-        problems=[c for c in document.get("checks", []) if c.get("verdict") != "pass"],
+        blocked=[c for c in document.get("checks", []) if c.get("verdict") == "fail"],
+        unmeasured=[c for c in document.get("checks", []) if c.get("verdict") not in ("pass", "fail")],
         heatmaps=[{"file": h.file, "title": h.title,
                    "data_uri": "data:image/png;base64," + base64.b64encode(h.png).decode("ascii")}
                   for h in heatmaps]))

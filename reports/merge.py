@@ -40,7 +40,7 @@ def merge_documents(documents: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 # Where a check ran (test node, xdist worker and GPU) is not part of what it measured.
-UNCOMPARED = ("nodeid", "placement")
+UNCOMPARED = ("nodeid", "placement", "artefact")
 
 
 def _comparable(check: dict[str, Any]) -> dict[str, Any]:

@@ -54,25 +54,42 @@ class ReportCollector:
         counts = {v: sum(r.get("verdict") == v for r in records) for v in ("pass", "fail", "error")}
         checkpoints = {r["checkpoint"]["id"] for r in records if r["checkpoint"].get("kind") != "seed_mean"}
         seed_means = {r["checkpoint"]["id"] for r in records} - checkpoints
-        blocked = sorted({r["checkpoint"]["id"] for r in records if r.get("verdict") in ("fail", "error")})
+        blocked = sorted({r["checkpoint"]["id"] for r in records if r.get("verdict") == "fail"})
+        unmeasured = unmeasured_causes(records)
         terminalreporter.write_sep("=", "moe-fbs-audit")
         for line in placement_lines(records):
             terminalreporter.write_line(line)
         if blocked:
             terminalreporter.write_line(
-                "blocked (the gate doing its job: these checkpoints drifted beyond tolerance or could not be "
-                f"measured; exit status 1 means blocked checkpoints, not a crash): {', '.join(blocked)}")
+                "blocked by the gate (the gate doing its job: a check of these checkpoints failed its tolerance; "
+                f"exit status 1 means blocked checkpoints, not a crash): {', '.join(blocked)}")
+        if unmeasured:
+            terminalreporter.write_line(
+                "could not be measured (errors, not verdicts: fix the cause and run again):")
+            for checkpoint, (count, cause) in unmeasured.items():
+                terminalreporter.write_line(f"  {checkpoint}: {count} check(s): {cause}")
         terminalreporter.write_line(
             f"moe-fbs-audit: {len(checkpoints)} checkpoint(s)"
             + (f" + {len(seed_means)} seed mean(s)" if seed_means else "")
             + f", {len(records)} checks: {counts['pass']} pass, "
-            f"{counts['fail']} fail, {counts['error']} error; {len(blocked)} blocked; "
+            f"{counts['fail']} fail, {counts['error']} error; {len(blocked)} blocked, {len(unmeasured)} not measured; "
             f"report -> {self.outputs[0]} (results: {self.outputs[1]})"
             + (f"; also {', '.join(path.name for path in self.outputs[2:])}" if self.outputs[2:] else ""))
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(ReportCollector(config), "moe-fbs-audit-report")
+
+
+def unmeasured_causes(records: list[dict[str, Any]]) -> dict[str, tuple[int, str]]:
+    """Checkpoint id -> (errored checks, the first error's first line), in grid order."""
+    causes: dict[str, tuple[int, str]] = {}
+    for record in records:
+        if record.get("verdict") not in ("pass", "fail"):
+            checkpoint = record["checkpoint"]["id"]
+            count, cause = causes.get(checkpoint, (0, str(record.get("error") or "unknown error").splitlines()[0]))
+            causes[checkpoint] = (count + 1, cause)
+    return causes
 
 
 def placement_lines(records: list[dict[str, Any]]) -> list[str]:

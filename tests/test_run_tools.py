@@ -89,7 +89,7 @@ def test_smi_summary_per_gpu() -> None:
 
 
 def test_dtype_option_resolves_with_the_device(audit_project: pytest.Pytester) -> None:
-    from fixtures.session import eval_dtype
+    from fixtures.runtime import eval_dtype
 
     dtypes = {(device, dtype): eval_dtype(dtype, device)
               for device in ("cpu", "cuda", "cuda:1") for dtype in ("auto", "float16")}
