@@ -277,7 +277,9 @@ def _evaluate_group(
             # Requests of these benchmarks were batched together (seconds is the whole call); batch
             # composition moves fp32 log-likelihoods at the 1e-6 level, so paired runs must match here.
             "evaluated_together": [q.spec.name for q in group],
-            "task_yaml": str(p.yaml_path),
+            # relative to the run's work dir (in the cache: `results/<key>/work/`): the build's own temp dir is
+            # renamed away once the entry is published, so an absolute path would name nothing
+            "task_yaml": p.yaml_path.relative_to(p.yaml_path.parents[2]).as_posix(),
         }
         out[spec.name] = BenchmarkResult(
             benchmark=spec.name, metrics=metrics, n_items=len(items), items=tuple(items),

@@ -118,6 +118,8 @@ def record(checkpoint_id: str, manifest: dict[str, Any] | None, checks: dict[str
         "reload_max_abs_logit_diff": details["verification"]["max_abs_logit_diff"],
         "reload_worst_ratio": details["verification"].get("worst_ratio"),
         "projection_30b_seconds": round(seconds * scale["factor"], 1), "projection_basis": scale["basis"],
+        # the cache's file inventory (sha256 of every file, issue 23), after the build's own phases
+        "inventory_seconds": manifest.get("cache", {}).get("inventory_seconds"),
     })
     out["targets"] = targets(out)
     if errors:
