@@ -51,6 +51,10 @@ def test_breach_fails_with_the_full_story(project: pytest.Pytester) -> None:
                      "95% CI", "allowed 0.0000 [abs 0 (lower is better, mode point)]", "items changed; first",
                      "anti_stereotype -> stereotype", "checkpoint(s) blocked"[:10]):
         assert fragment in output, fragment
+    # the failure is the gate message alone (issue 25): no traceback through the plugin, no Measurement repr
+    assert "measurement = Measurement(" not in output and "fixtures/gate.py" not in output
+    section = output.split("= FAILURES =")[1].split("= moe-fbs-audit =")[0]
+    assert len([line for line in section.splitlines() if line.strip()]) <= 14 * output.count("BLOCKED "), section
 
 
 def test_ci_mode_passes_a_noisy_but_within_delta_that_point_mode_fails(project: pytest.Pytester) -> None:

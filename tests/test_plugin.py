@@ -127,6 +127,16 @@ def test_ratio_leaving_fewer_experts_than_top_k_is_refused(audit_dir: pytest.Pyt
     result.stdout.fnmatch_lines(["*moe-fbs-audit: *reap*0.9*top*"])
 
 
+def test_limit_below_a_benchmarks_strata_is_refused_before_anything_is_built(audit_dir: pytest.Pytester,
+                                                                            tmp_path: Path) -> None:
+    cache = tmp_path / "never-built"
+    result = audit_dir.runpytest("--methods", "reap", "--limit", "3", "--benchmarks", "crows_pairs,bbq",
+                                 "--cache-dir", str(cache))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stdout.fnmatch_lines(["*moe-fbs-audit: --limit 3 is too small for crows_pairs: *10 items*"])
+    assert not (cache / "checkpoints").exists() and not (cache / "zoo").exists()
+
+
 def test_non_moe_model_is_refused(audit_dir: pytest.Pytester, tmp_path: Path) -> None:
     dense = tmp_path / "dense"
     dense.mkdir()
