@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -507,3 +508,34 @@ def test_real_pools_fill_the_tiny_preset(shared_data_dir: Path) -> None:
     assert (mix.safety_rows, mix.general_rows) == (4, 28)
     assert set(mix.pool_rows) == {"general", *safety} and min(mix.pool_rows.values()) >= 1
     assert all(len(row) == tiny.seq_len for row in mix.input_ids)
+
+
+def _calibration_worker(cache_root: str, payload_file: str, counter: str) -> None:
+    from fixtures.cache import ArtifactCache
+
+    def build() -> CalibrationSet:
+        with open(counter, "a") as handle:
+            handle.write("built\n")
+        time.sleep(0.5)  # long enough for the other workers to wait on the lock
+        return CalibrationSet.from_payload(json.loads(Path(payload_file).read_text()), origin=payload_file)
+
+    root = Path(cache_root)
+    cached_calibration_mix(root / "calibration", {"seed": 0}, build, cache=ArtifactCache(root))
+
+
+def test_concurrent_workers_build_a_calibration_set_once_and_log_it(
+    tmp_path: Path, tokenizer: Any, general: Any, safety_pools: Any
+) -> None:
+    payload = tmp_path / "mix.json"
+    payload.write_text(json.dumps(_build(general, safety_pools, tokenizer).to_payload()))
+    counter, root = tmp_path / "builds.txt", tmp_path / "cache"
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_calibration_worker, args=(str(root), str(payload), str(counter)))
+               for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    assert counter.read_text().count("built") == 1
+    assert [line.split()[1] for line in (root / "builds.log").read_text().splitlines()] == ["calibration"]
