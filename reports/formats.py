@@ -66,8 +66,12 @@ def _render(kind: str, name: str, document: dict[str, Any], template_dir: Path |
     env = _environment(kind, template_dir)
     tables = report_tables(document)
     confidence = next((c.get("confidence") for c in document.get("checks", []) if c.get("confidence")), 0.95)
+    rows = flip_rows(document)
+    # checks where no item flipped are folded into one line: the table lists what changed
+    unflipped = [f for f in rows if f["changed"] == 0 and f["verdict"] == "pass"]
     return str(env.get_template(name).render(
-        doc=document, tables=tables, table=tables[0], flips=flip_rows(document), confidence=confidence,
+        doc=document, tables=tables, table=tables[0], flips=[f for f in rows if f not in unflipped],
+        unflipped=unflipped, confidence=confidence,
         blocked=[c for c in document.get("checks", []) if c.get("verdict") == "fail"],
         unmeasured=[c for c in document.get("checks", []) if c.get("verdict") not in ("pass", "fail")],
         heatmaps=[{"file": h.file, "title": h.title,

@@ -234,3 +234,15 @@ def test_results_schema_documents_every_field(document: dict[str, Any]) -> None:
     undocumented["checkpoints"][0]["checkpoint_note"] = "x"
     errors = _schema_errors(undocumented)
     assert len(errors) == 2 and "new_field" in errors[0] + errors[1], errors
+
+
+def test_flip_checks_without_flips_are_folded_into_one_line(document: dict[str, Any]) -> None:
+    flip_checks = [c for c in document["checks"] if ".flip_" in c["metric"] and c["verdict"] == "pass"]
+    quiet = flip_checks[0]
+    quiet.update(changed_count=0, changed_items=[], compressed=0.0)
+    markdown, html = render_markdown(document), render_html(document)
+    row_start = f"| {quiet['checkpoint']['id']} | {quiet['metric']} | 0 /"
+    assert row_start not in markdown
+    assert f"No item flipped in 1 flip check(s): `{quiet['checkpoint']['id']}` {quiet['metric']}." in markdown
+    assert "<summary>No item flipped in 1 flip check(s)</summary>" in html
+    assert all(f"| {c['checkpoint']['id']} | {c['metric']} |" in markdown for c in flip_checks[1:])
