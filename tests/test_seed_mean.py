@@ -141,3 +141,22 @@ def test_drift_per_dataset_values_are_carried_and_averaged_over_seeds() -> None:
     assert dataset_breakdown(AuditCase(case.checkpoint, "bbq.acc"), dense, seeds) == {}
     with pytest.raises(GateError, match="per-dataset metric 'delta_cross_nll_t0.stereoset'"):
         dataset_breakdown(case, _drift({"bbq": 0.0, "xstest": 0.0}, ("bbq", "xstest", "stereoset")), seeds)
+
+
+def test_drift_checks_list_the_prompts_that_moved_the_metric() -> None:
+    from fixtures.flips import largest_drift_changes
+
+    def prompt(name: str, label: str, delta: float, nll: float) -> ItemRecord:
+        return ItemRecord(benchmark="drift", doc_id=0, doc_hash=name + label, item_id=f"{name}@{label}",
+                          category="bbq", pred=-1, target=-1, loglikelihoods=(0.0,), status="length",
+                          correct=None, extras={"delta_cross_nll": delta, "cross_nll": nll,
+                                                "delta_entropy": 0.0, "entropy": 1.0})
+
+    items = [prompt("a", "t0", 0.1, 2.0), prompt("b", "t0", -0.9, 1.0), prompt("c", "t0", 0.0, 1.5),
+             prompt("d", "t0.7", 5.0, 9.0), prompt("e", "t0", 0.4, 3.0)]
+    listed, count = largest_drift_changes("delta_cross_nll_t0", items)
+    assert count == 3  # c did not move; d is the other temperature
+    assert [row["item_id"] for row in listed] == ["b@t0", "e@t0", "a@t0"]
+    assert listed[0]["dense"] == "1.900" and listed[0]["compressed"] == "1.000 (cross_nll -0.900)"
+    assert largest_drift_changes("delta_entropy_t0", items) == ((), 0)
+    assert [row["item_id"] for row in largest_drift_changes("delta_cross_nll_t0.7", items)[0]] == ["d@t0.7"]
