@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 
 from fixtures.cache import MANIFEST, ArtifactCache
+from tests.processes import run_concurrently
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -107,14 +107,7 @@ def _concurrent_worker(root: str, counter: str) -> None:
 
 def test_concurrent_workers_build_once(tmp_path: Path) -> None:
     counter = tmp_path / "builds.txt"
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_concurrent_worker, args=(str(tmp_path / "cache"), str(counter)))
-               for _ in range(3)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=60)
-        assert worker.exitcode == 0
+    assert run_concurrently(_concurrent_worker, (str(tmp_path / "cache"), str(counter))) == [0, 0, 0]
     assert counter.read_text().count("built") == 1
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from fixtures.calibration import (
     safety_row_count,
 )
 from fixtures.errors import ConfigError, DataError
+from tests.processes import run_concurrently
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -529,13 +529,7 @@ def test_concurrent_workers_build_a_calibration_set_once_and_log_it(
     payload = tmp_path / "mix.json"
     payload.write_text(json.dumps(_build(general, safety_pools, tokenizer).to_payload()))
     counter, root = tmp_path / "builds.txt", tmp_path / "cache"
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_calibration_worker, args=(str(root), str(payload), str(counter)))
-               for _ in range(3)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=120)
-        assert worker.exitcode == 0
+    exit_codes = run_concurrently(_calibration_worker, (str(root), str(payload), str(counter)), timeout_s=120)
+    assert exit_codes == [0, 0, 0]
     assert counter.read_text().count("built") == 1
     assert [line.split()[1] for line in (root / "builds.log").read_text().splitlines()] == ["calibration"]
