@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from compressors.sparsegpt_batched import make_batched_compress_modules
+
 if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -129,6 +131,9 @@ _PATCHES: tuple[_Patch, ...] = (
            _make_reentrant_calibration_context),
     _Patch("llmcompressor.modifiers.transform.awq.base", "calibration_forward_context",
            _make_reentrant_calibration_context),
+    # SparseGPT's column loop per expert: 400 of 540 s at 2.8B on an H200 (compressors/sparsegpt_batched.py)
+    _Patch("llmcompressor.modifiers.pruning.sparsegpt.base", "SparseGPTModifier.compress_modules",
+           make_batched_compress_modules),
 )
 
 _LOCK = threading.RLock()

@@ -17,7 +17,8 @@ data-free modifier, through the same `oneshot` call as every other method.
 Exactness: magnitude/random zero exactly floor(numel * NN / 100) entries of every expert tensor (integer
 arithmetic; ties broken by position, so the count never drifts). Wanda prunes exactly half of every row.
 SparseGPT's unstructured mask prunes one entry more per 128-column block than half (its threshold is the
-k-th smallest score *inclusive*): 0.5 + blocks/numel, recorded as measured.
+k-th smallest score *inclusive*): 0.5 + blocks/numel, recorded as measured. On an accelerator its
+per-expert column loop runs over stacks of a layer's experts (compressors/sparsegpt_batched.py).
 """
 
 from __future__ import annotations
