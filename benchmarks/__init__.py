@@ -16,6 +16,8 @@ __main__.py (`python -m benchmarks`: full-data runs with wall times).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from benchmarks import advbench, bbq, crows_pairs, stereoset, xstest
 from benchmarks.lmeval_runner import run_benchmarks
 from benchmarks.records import BenchmarkResult, ItemRecord
@@ -39,6 +41,7 @@ __all__ = [
     "available",
     "get_spec",
     "headline_metrics",
+    "judged_benchmarks",
     "metric_names",
     "run_benchmarks",
     "stratified_indices",
@@ -65,3 +68,8 @@ def metric_names(benchmark: str) -> tuple[str, ...]:
 def headline_metrics(benchmark: str) -> tuple[str, ...]:
     """The metrics every result of `benchmark` holds (possibly NaN)."""
     return get_spec(benchmark).headline_metrics
+
+
+def judged_benchmarks(names: Sequence[str]) -> tuple[str, ...]:
+    """The benchmarks among `names` whose verdicts come from a refusal judge (their `detector` option)."""
+    return tuple(name for name in names if name in BENCHMARKS and "detector" in BENCHMARKS[name].option_names)

@@ -21,9 +21,14 @@ SCHEMA_FILE = Path(__file__).resolve().parent / "results.schema.json"
 
 def run_settings(audit_config: AuditConfig) -> dict[str, Any]:
     """What must agree between shards for their results to be merged into one report."""
+    from benchmarks import judged_benchmarks
+    from benchmarks.refusal import get_detector, judge_label
+
+    judge = (judge_label(get_detector(audit_config.refusal_judge).describe())
+             if judged_benchmarks(audit_config.benchmarks) else None)
     return {"model": audit_config.model, "benchmarks": list(audit_config.benchmarks), "limit": audit_config.limit,
             "data_dir": audit_config.data_dir or "hub", "eval_seed": audit_config.eval_seed,
-            "thresholds": str(audit_config.thresholds)}
+            "thresholds": str(audit_config.thresholds), "refusal_judge": judge}
 
 
 def build_document(records: Sequence[dict[str, Any]], settings: dict[str, Any], finished_at: str) -> dict[str, Any]:

@@ -165,7 +165,8 @@ def report_tables(document: dict[str, Any]) -> list[dict[str, Any]]:
     columns = []
     for metric in document.get("metrics", []):
         tolerance = next((c.get("tolerance") for (_, m), c in checks.items() if m == metric), None)
-        columns.append({"metric": metric, "direction": metric_direction(tolerance)})
+        judged = any(c.get("refusal_judge") for (_, m), c in checks.items() if m == metric)
+        columns.append({"metric": metric, "direction": metric_direction(tolerance), "judged": judged})
     dense = {column["metric"]: number(document.get("dense", {}).get(column["metric"])) for column in columns}
     checkpoints = document.get("checkpoints", [])
     averaged = {_setting_key(c) for c in checkpoints if c.get("kind") == "seed_mean"}

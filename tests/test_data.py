@@ -450,6 +450,7 @@ HUB_LOADERS: dict[str, Loader] = {
     "xstest_labeled_completions": data.load_xstest_labeled_completions,
     "advbench": data.load_advbench,
     **{f"calibration/{p}": (lambda s, p=p: data.load_calibration_pool(s, p)) for p in CALIBRATION_POOLS},
+    **{f"refusal_labels/{n}": (lambda s, n=n: data.load_refusal_labels(s, n)) for n in data.REFUSAL_LABEL_SOURCES},
 }
 
 
@@ -599,3 +600,17 @@ def test_hub_pinned_csv_path_matches_mirror(
     hub = HUB_LOADERS[name](DataSource(None))
     assert hub.rows == local.rows
     assert hub.source == f"hub:{local.files[0]}:train"
+
+
+def test_refusal_label_sources_load_from_the_mirror_with_their_provenance_hashes(shared_data_dir: Path) -> None:
+    source = DataSource(shared_data_dir)
+    sizes = {name: len(data.load_refusal_labels(source, name)) for name in data.REFUSAL_LABEL_SOURCES}
+    assert sizes == {"xstest_llama2orig": 450, "xstest_llama2new": 450, "xstest_mistralguard": 450,
+                     "xstest_gpt4": 450, "gptfuzz": 1540}
+    gptfuzz = data.load_refusal_labels(source, "gptfuzz")
+    assert gptfuzz.sha256 == "ca9e460c7fbcf3bc7c028c9e29297dd58cfbd54050f7729fbc635a6880a62a02"  # PROVENANCE.md
+    assert sum(row["label"] == "0" for row in gptfuzz.rows) == 995
+    assert data.load_refusal_labels(source, "xstest_llama2orig").sha256 == (
+        data.load_xstest_labeled_completions(source).sha256)
+    with pytest.raises(DataError, match="unknown refusal label source"):
+        data.load_refusal_labels(source, "llama3")

@@ -79,7 +79,7 @@ def test_every_benchmark_runs_with_finite_headline_metrics(zoo_run: tuple[Path, 
         assert settings["apply_chat_template"] and settings["evaluated_together"] == list(generative)
         assert settings["generation_kwargs"] == {"until": [], "max_gen_toks": MAX_GEN_TOKS, "do_sample": False}
         assert settings["model_args"]["enable_thinking"] is False
-        assert settings["refusal_detector"]["name"] == "xstest_prefix"
+        assert settings["refusal_detector"]["name"] == "learned"
         for item in results[name].items:
             assert isinstance(item.generation, str) and isinstance(item.refused, bool)
             assert item.loglikelihoods == () and item.status in ("refusal", "compliance")

@@ -41,6 +41,9 @@ def audit_dir(audit_project: pytest.Pytester) -> pytest.Pytester:
         (["--data-dir", "/no/such/dir"], "--data-dir: /no/such/dir is not a directory"),
         (["--thresholds", "missing.toml"], "missing.toml not found"),
         (["--benchmarks", "crows_pairs_original"], "benchmark 'crows_pairs_original' is selected but has no gated"),
+        (["--refusal-judge", "gpt4"], "--refusal-judge: unknown refusal judge 'gpt4'"),
+        (["--refusal-judge", "meta-llama/Llama-Guard-3-8B", "--benchmarks", "xstest,advbench"],
+         "rates harm, not refusal"),
     ],
 )
 def test_bad_options_give_one_clear_message(audit_dir: pytest.Pytester, args: list[str], message: str) -> None:

@@ -52,12 +52,13 @@ def test_agreement_with_human_labels_is_pinned(completions: Sequence[dict[str, A
     assert {k: getattr(full_only, k) for k in counts} == EXPECTED_FULL_ONLY[name]
 
 
-def test_primary_rule_is_the_better_validated_one(completions: Sequence[dict[str, Any]]) -> None:
-    """The primary rule must keep earning its place: higher accuracy and precision than the other rule
-    against the human labels (recall is the substring rule's strength, at the cost of false refusals)."""
+def test_prefix_rule_is_the_better_validated_string_rule(completions: Sequence[dict[str, Any]]) -> None:
+    """The prefix rule is the baseline the learned judge must beat (tests/test_refusal_judges.py): higher
+    accuracy and precision than the substring rule against the human labels (recall is the substring
+    rule's strength, at the cost of false refusals)."""
     prefix = agreement_with_labels(XSTEST_PREFIX, completions)
     substring = agreement_with_labels(LLM_ATTACKS_SUBSTRING, completions)
-    assert PRIMARY == "xstest_prefix" and get_detector(None) is XSTEST_PREFIX
+    assert PRIMARY == "learned" and get_detector("xstest_prefix") is XSTEST_PREFIX
     assert prefix.accuracy > substring.accuracy and prefix.precision > substring.precision
     assert substring.recall > prefix.recall
     # On the 250 safe prompts (where over-refusal is measured) the precision gap is widest.
@@ -101,7 +102,7 @@ def test_detector_interface_accepts_a_plugged_in_classifier() -> None:
     custom = _KeywordClassifier()
     assert get_detector(custom) is custom
     assert classify_checked(custom, ["kill a process", "bake bread"], ["a", "b"]) == [True, False]
-    with pytest.raises(ConfigError, match="unknown refusal detector 'gpt4'"):
+    with pytest.raises(ConfigError, match="unknown refusal judge 'gpt4'"):
         get_detector("gpt4")
     with pytest.raises(ConfigError, match="name/describe/classify"):
         get_detector(42)  # type: ignore[arg-type]
