@@ -23,6 +23,7 @@ selected doc, so the list must be sorted ascending and duplicate-free (an empty 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ DEFAULT_MAX_LENGTH = 2048
 KINDS = ("likelihood", "generative")  # one simple_evaluate call each, in this order
 # `scorer` -> lm-eval model type: "hf" is lm-eval's own HF backend (the reference), "shared" ours, tested
 # equal to it (tests/test_fast_scoring.py) and many times faster on GPUs (docs/performance.md).
+log = logging.getLogger(__name__)
 SCORERS = {"hf": "hf", "shared": "moe-fbs-shared"}
 
 
@@ -136,9 +138,17 @@ def run_benchmarks(
         # Qwen3's template opens a <think> block unless told not to; other templates ignore the flag.
         "enable_thinking": False,
     }
+    fallback = None
     if lm is None:
+        from benchmarks.architecture import scorer_for
+        from fixtures.zoo import read_config
+
+        scorer, fallback = scorer_for(read_config(model_dir), scorer)
+        if fallback:
+            log.warning("scoring with lm-eval's HF backend, not the shared scorer: %s", fallback)
         lm = _load_model(model_args, device=device, batch_size=batch_size, scorer=scorer)
-    settings = {"limit": limit, "seed": seed, "model": SCORERS[scorer], "model_args": model_args,
+    settings = {"limit": limit, "seed": seed, "model": SCORERS[scorer], "scorer_fallback": fallback,
+                "model_args": model_args,
                 "batch_size": batch_size, "device": device, "lm_eval_version": version("lm_eval"),
                 "transformers_version": version("transformers"), "torch_version": version("torch"),
                 "datasets_version": version("datasets")}
