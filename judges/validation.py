@@ -62,12 +62,6 @@ def fit_matrix(features: scipy.sparse.csr_matrix, labels: Sequence[bool], settin
     return model.coef_[0].astype("float32"), float(model.intercept_[0])
 
 
-def fit(sources: Sequence[LabelledSource], setting: Setting, config: FeatureConfig) -> tuple[np.ndarray, float]:
-    """The judge's weights trained on the sources' completions."""
-    texts = [text for source in sources for text in source.completions]
-    return fit_matrix(vectorize(texts, config), [label for s in sources for label in s.refusals], setting)
-
-
 class Folds:
     """Memoised fits over one collection of sources; every source is vectorised once (for training: the
     whole opening; for scoring: its speaker segments, as the judge reads them)."""
