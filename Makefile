@@ -43,7 +43,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m mypy fixtures compressors benchmarks reports judges
+	$(PY) -m mypy architectures fixtures compressors benchmarks reports judges
 
 clean:
 	rm -rf .cache audit-report

@@ -54,3 +54,19 @@ def check_drift_supported(config: Mapping[str, Any], benchmarks: tuple[str, ...]
         raise ConfigError(f"--benchmarks drift: {reason}; drift's batched generation is exact only for softmax "
                           "attention, so it is not run on this model (drop drift; the other benchmarks fall "
                           "back to lm-eval's one-request-per-row HF scorer)")
+
+
+def sliding_window(config: Any) -> int | None:
+    """The attention window some layer of the model applies (None: every layer sees the whole context).
+
+    A config may carry `sliding_window` without using it: Qwen2-MoE keeps `sliding_window=0` with
+    `use_sliding_window=False` and only full-attention layers. The window applies where `layer_types` lists a
+    sliding layer, or, without layer types, where `use_sliding_window` is not false."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return int(window) if "sliding_attention" in layer_types else None
+    return int(window) if getattr(config, "use_sliding_window", True) else None
+

@@ -27,6 +27,8 @@ import warnings
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from benchmarks.architecture import sliding_window
+
 if TYPE_CHECKING:
     import torch
 
@@ -40,7 +42,7 @@ def resolve_mode(mode: str, device: str, model: Any = None) -> str:
     for sliding-window attention, whose static cache is a ring buffer the masks here do not describe."""
     if mode != "auto" and mode not in MODES:
         raise ValueError(f"decode mode must be auto or one of {', '.join(MODES)}, got {mode!r}")
-    windowed = model is not None and getattr(model.config, "sliding_window", None) is not None
+    windowed = model is not None and sliding_window(model.config) is not None
     if mode == "auto":
         return "graph" if str(device).startswith("cuda") and not windowed else "dynamic"
     if mode == "graph" and not str(device).startswith("cuda"):

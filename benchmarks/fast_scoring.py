@@ -38,6 +38,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
+from benchmarks.architecture import sliding_window
 from benchmarks.fast_generation import greedy_tokens
 from benchmarks.fast_kernels import install
 from benchmarks.fast_tokenization import batchable, encode_requests
@@ -123,10 +124,7 @@ class SharedContextLM(HFLM):
         if self.backend != "causal" or not requests:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         started = time.perf_counter()
-        fits = [len(c) + len(x) <= self.max_length + 1 for _, c, x in requests]
-        window = getattr(self.model.config, "sliding_window", None)
-        if window is not None and any(len(c) + len(x) > window for _, c, x in requests):
-            fits = [False] * len(requests)
+        fits = [len(c) + len(x) <= self.packable_length() for _, c, x in requests]
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         slow = [i for i, ok in enumerate(fits) if not ok]
         if slow:
@@ -143,6 +141,16 @@ class SharedContextLM(HFLM):
         self.stats.request_tokens += sum(min(len(c) + len(x) - 1, self.max_length) for _, c, x in requests)
         self.stats.seconds += time.perf_counter() - started
         return [r for r in results if r is not None]
+
+    def packable_length(self) -> int:
+        """The longest request (context + continuation tokens) scored packed; longer ones go to lm-eval's path.
+
+        Beyond `max_length` lm-eval truncates. Under a sliding window a packed request sees only its context and
+        its own tokens, all within its length of each other (positions restart per request, the 4-D mask hides
+        the rest), so the window cannot cut anything out of a request no longer than the window: packed
+        scoring equals the windowed reference there, and a longer request is scored by the reference."""
+        window = sliding_window(self.model.config)
+        return min(self.max_length + 1, window if window is not None else self.max_length + 1)
 
     def _score_packed(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
         """(summed log-prob, is_greedy) of each (context, continuation) token pair, in order."""

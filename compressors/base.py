@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from architectures.families import family_named
 from fixtures.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
@@ -81,6 +82,8 @@ class MoEInfo:
     shared_experts: int  # always-on experts (not routed, never pruned)
     hidden_size: int | None = None
     expert_intermediate_size: int | None = None
+    expert_groups: int = 1  # group-limited routing (DeepSeek-V3, GLM-4.5 `n_group`): experts per group = E / groups
+    groups_selected: int = 1  # groups a token may pick from (`topk_group`)
 
 
 def moe_info(config: Mapping[str, Any] | Any) -> MoEInfo:
@@ -114,6 +117,8 @@ def moe_info(config: Mapping[str, Any] | Any) -> MoEInfo:
         shared_experts=shared,
         hidden_size=_first_int(raw, ("hidden_size", "d_model")),
         expert_intermediate_size=_first_int(raw, ("moe_intermediate_size", "intermediate_size")),
+        expert_groups=_first_int(raw, ("n_group",)) or 1,
+        groups_selected=_first_int(raw, ("topk_group",)) or 1,
     )
 
 
@@ -172,6 +177,10 @@ class Compressor(ABC):
         """ConfigError if `spec` cannot be built for this model (unknown scheme, impossible ratio...)."""
         if spec.method != self.name:
             raise ConfigError(f"spec for method {spec.method!r} given to the {self.name!r} compressor")
+        family = family_named(model_info.architecture)
+        reason = family.refusal(self.name) if family is not None else None
+        if family is not None and reason is not None:
+            raise ConfigError(f"{self.name} is not supported on {family.name} ({family.model_type}): {reason}")
         if self.uses_ratio:
             if spec.scheme is not None:
                 raise ConfigError(f"{self.name} takes a ratio, not a scheme (got scheme {spec.scheme!r})")
@@ -201,6 +210,8 @@ class ExpertCompressor(Compressor):
     """Pruning/merging of whole routed experts: the ratio must leave at least top-k experts per layer."""
 
     family: ClassVar[str] = "expert"
+    # False where every expert slot survives (HC-SMoE with all router rows kept): no group constraint applies.
+    removes_experts: ClassVar[bool] = True
 
     @staticmethod
     def experts_removed(num_experts: int, ratio: float) -> int:
@@ -223,6 +234,23 @@ class ExpertCompressor(Compressor):
                 f"{self.name}: ratio {spec.ratio:g} removes {removed} of {e} experts per layer, leaving "
                 f"{e - removed} < top_k={k} experts the router must select per token"
             )
+        if self.removes_experts and model_info.expert_groups > 1:
+            check_groups(self.name, spec.ratio, model_info, removed)
+
+
+def check_groups(method: str, ratio: float, info: MoEInfo, removed: int) -> None:
+    """Group-limited routing (DeepSeek-V3, GLM-4.5) reshapes the experts into `n_group` equal groups, scores a
+    group by its two best experts and picks `topk_group` groups: pruning must drop the same count from every
+    group (kept experts stay in their group) and leave >= 2 per group and >= top_k in the picked groups."""
+    groups, picked = info.expert_groups, info.groups_selected
+    per_group = (info.num_experts - removed) // groups
+    if removed % groups:
+        raise ConfigError(f"{method}: ratio {ratio:g} removes {removed} experts per layer, not a multiple of the "
+                          f"{groups} expert groups of {info.architecture}'s group-limited routing")
+    if per_group < 2 or picked * per_group < info.top_k:
+        raise ConfigError(f"{method}: ratio {ratio:g} leaves {per_group} experts in each of {groups} groups; "
+                          f"{info.architecture}'s routing needs >= 2 per group and topk_group={picked} groups "
+                          f"holding >= top_k={info.top_k} experts")
 
 
 _REGISTRY: dict[str, type[Compressor]] = {}

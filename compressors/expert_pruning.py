@@ -30,8 +30,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from architectures.blocks import MoEBlock, moe_blocks
 from compressors.base import ExpertCompressor, MethodSpec, MoEInfo, register
-from compressors.expert_slicing import MoEBlock, moe_blocks, prune_block, save_verified
+from compressors.expert_slicing import prune_block, save_verified
 from compressors.observer import GATES, LayerStats, check_layers, observation_for
 from compressors.runtime import (
     Stopwatch,
@@ -112,6 +113,14 @@ def lowest(scores: torch.Tensor, count: int) -> list[int]:
     return sorted(int(i) for i in order[:count])
 
 
+def lowest_per_group(scores: torch.Tensor, count: int, groups: int) -> list[int]:
+    """`lowest` within each of `groups` equal consecutive groups (count / groups each), so group-limited routing
+    keeps its groups (`check_groups` has made count divisible); one group is `lowest` itself."""
+    size, per_group = len(scores) // groups, count // groups
+    return sorted(g * size + i for g in range(groups)
+                  for i in lowest(scores[g * size:(g + 1) * size], per_group))
+
+
 class ExpertPruner(ObservedExpertCompressor):
     """Drop the `int(E·ratio)` lowest-scoring experts per layer."""
 
@@ -128,7 +137,7 @@ class ExpertPruner(ObservedExpertCompressor):
         kept, dropped, scores = {}, {}, {}
         for block in blocks:
             layer_scores = self.scores(stats[block.name])
-            dropped[block.name] = lowest(layer_scores, removed)
+            dropped[block.name] = lowest_per_group(layer_scores, removed, info.expert_groups)
             kept[block.name] = [e for e in range(block.num_experts) if e not in dropped[block.name]]
             scores[block.name] = [float(s) for s in layer_scores]
             prune_block(block, kept[block.name])

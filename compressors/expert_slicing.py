@@ -4,10 +4,9 @@ Why one routine: pruning (REAP, frequency, EAN) and merging (HC-SMoE) differ onl
 built from which old ones, so both are a `remap` of the expert axis (expert-compression.md §1): each new
 expert is a list of (old index, weight) terms. A single term of weight 1 is a copy (bit-exact, no
 arithmetic); several terms are a weighted sum in float64, cast back to the tensor's dtype. The same map is
-applied to every per-expert tensor of the block: the fused `gate_up_proj [E,2I,H]` / `down_proj [E,H,I]`,
-the router rows (`weight [E,H]`, `bias`), the selection-correction biases (ERNIE
-`gate.moe_statics.e_score_correction_bias [1,E]`, DeepSeek `gate.e_score_correction_bias [E]`, block-level
-ones) and every integer expert-count attribute, so a block can never be left half edited. Shared experts,
+applied to every per-expert tensor of the block (`architectures.blocks.MoEBlock.per_expert_tensors`: the
+fused experts in any layout and their biases, the router rows and bias, the selection-correction biases) and
+every integer expert-count attribute, so a block can never be left half edited. Shared experts,
 `top_k` and everything outside `experts`/router are never touched.
 
 The edited model stays in transformers' native fused layout, so `save_pretrained` writes the per-expert keys
@@ -19,10 +18,10 @@ logits with the in-memory model (compressors.verify).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from architectures.blocks import MoEBlock
 from compressors.runtime import Stopwatch, save_checkpoint, set_expert_count
 from compressors.verify import reference, verify_checkpoint
 from fixtures.errors import CompressionError
@@ -35,67 +34,7 @@ if TYPE_CHECKING:
 Terms = Sequence[tuple[int, float]]
 ExpertMap = Sequence[Terms]
 
-ROUTER_ATTRS = ("gate", "router")
 COUNT_ATTRS = ("num_experts", "n_experts", "n_routed_experts", "num_local_experts")
-FUSED_EXPERT_TENSORS = ("gate_up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class MoEBlock:
-    """One sparse MoE block: its module name (`model.layers.3.mlp`), the block, fused experts and router."""
-
-    name: str
-    module: Any
-    experts: Any
-    router: Any
-
-    @property
-    def num_experts(self) -> int:
-        return int(self.experts.gate_up_proj.shape[0])
-
-    def per_expert_tensors(self) -> list[tuple[Any, str, int]]:
-        """(owner, attribute, expert axis) of every tensor indexed by routed expert."""
-        found: list[tuple[Any, str, int]] = [(self.experts, name, 0) for name in FUSED_EXPERT_TENSORS]
-        found += [(self.router, "weight", 0)]
-        candidates = [(self.router, "bias", 0), (self.router, "e_score_correction_bias", 0),
-                      (self.module, "e_score_correction_bias", 0),
-                      (getattr(self.router, "moe_statics", None), "e_score_correction_bias", -1)]
-        import torch
-
-        found += [(owner, attr, dim) for owner, attr, dim in candidates
-                  if owner is not None and isinstance(getattr(owner, attr, None), torch.Tensor)]
-        return found
-
-
-def moe_blocks(model: PreTrainedModel) -> list[MoEBlock]:
-    """Every routed MoE block of `model`, in module order; CompressionError for an unsupported layout.
-
-    Supported: fused experts with `gate_up_proj [E,2I,H]` (gate rows first) and `down_proj [E,H,I]`, no expert
-    biases, a router module with `weight [E,H]` returning (logits, weights, indices): tested on Qwen3-MoE,
-    ERNIE-4.5-MoE, OLMoE and Mixtral; DeepSeek-V2/V3 share the layout (untested here). GPT-OSS (transposed,
-    interleaved, biased experts) is refused rather than edited wrongly."""
-    blocks = []
-    for name, module in model.named_modules():
-        experts = getattr(module, "experts", None)
-        router = next((getattr(module, a) for a in ROUTER_ATTRS if hasattr(module, a)), None)
-        if experts is None or router is None:
-            continue
-        gate_up, down = (getattr(experts, t, None) for t in FUSED_EXPERT_TENSORS)
-        if (gate_up is None or down is None or gate_up.dim() != 3 or down.dim() != 3
-                or getattr(experts, "is_transposed", False) or getattr(experts, "has_bias", False)
-                or getattr(router, "weight", None) is None):
-            raise CompressionError(
-                f"{name}: unsupported expert layout {type(experts).__name__} (need fused gate_up_proj [E,2I,H] "
-                "and down_proj [E,H,I] without biases, and a router with weight [E,H])"
-            )
-        count = gate_up.shape[0]
-        if down.shape[0] != count or router.weight.shape[0] != count or gate_up.shape[2] != down.shape[1]:
-            raise CompressionError(f"{name}: inconsistent expert shapes gate_up {tuple(gate_up.shape)}, "
-                                   f"down {tuple(down.shape)}, router {tuple(router.weight.shape)}")
-        blocks.append(MoEBlock(name, module, experts, router))
-    if not blocks:
-        raise CompressionError(f"{type(model).__name__}: no MoE block (a module with `experts` and a router)")
-    return blocks
 
 
 def copies(indices: Sequence[int]) -> list[list[tuple[int, float]]]:

@@ -33,9 +33,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from architectures.blocks import MoEBlock
 from compressors.base import MoEInfo, register
 from compressors.expert_pruning import ObservedExpertCompressor
-from compressors.expert_slicing import MoEBlock, remap_block
+from compressors.expert_slicing import remap_block
 from compressors.observer import LayerStats
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ class HCSMoECompressor(ObservedExpertCompressor):
 
     name: ClassVar[str] = "hcsmoe"
     shrink: ClassVar[bool] = False
+    removes_experts: ClassVar[bool] = False
 
     def edit(self, blocks: list[MoEBlock], stats: Mapping[str, LayerStats], info: MoEInfo,
              removed: int) -> tuple[int, dict[str, Any]]:
@@ -130,3 +132,4 @@ class HCSMoEShrinkCompressor(HCSMoECompressor):
 
     name: ClassVar[str] = "hcsmoe-shrink"
     shrink: ClassVar[bool] = True
+    removes_experts: ClassVar[bool] = True

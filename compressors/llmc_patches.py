@@ -108,6 +108,25 @@ def _make_reentrant_calibration_context(original: Callable[..., Any]) -> Callabl
     return calibration_forward_context
 
 
+def _make_interleaved_copy_to_experts(original: Callable[..., Any] | None) -> Callable[..., Any]:
+    # llmcompressor.md §5f (GPT-OSS repack): `GptOssExpertMLP` reads gate and up from the even and odd columns
+    # of `gate_up_proj[e]` ([H, 2I], transposed) but inherits the generic writer, which puts them back as
+    # halves: a repacked GPT-OSS model computes another function (repack diff 1.17, "expert 0 up_proj.weight
+    # does not round-trip"). The inverse of its reader: gate -> even columns, up -> odd (and their biases).
+    def copy_to_experts_module(self: Any, experts: Any, index: int) -> None:
+        gate_up = experts.gate_up_proj[index]
+        gate_up[:, 0::2].copy_(self.gate_proj.weight.T)
+        gate_up[:, 1::2].copy_(self.up_proj.weight.T)
+        experts.down_proj[index].copy_(self.down_proj.weight.T)
+        bias = experts.gate_up_proj_bias[index]
+        bias[0::2].copy_(self.gate_proj.bias)
+        bias[1::2].copy_(self.up_proj.bias)
+        experts.down_proj_bias[index].copy_(self.down_proj.bias)
+
+    copy_to_experts_module.__wrapped__ = original  # type: ignore[attr-defined]
+    return copy_to_experts_module
+
+
 @dataclass(frozen=True)
 class _Patch:
     module: str  # the module whose global (or class) the caller looks up at call time
@@ -134,8 +153,11 @@ _PATCHES: tuple[_Patch, ...] = (
     # SparseGPT's column loop per expert: 400 of 540 s at 2.8B on an H200 (compressors/sparsegpt_batched.py)
     _Patch("llmcompressor.modifiers.pruning.sparsegpt.base", "SparseGPTModifier.compress_modules",
            make_batched_compress_modules),
+    _Patch("llmcompressor.modeling.moe.gpt_oss", "GptOssExpertMLP.copy_to_experts_module",
+           _make_interleaved_copy_to_experts),
 )
 
+_INHERITED = object()  # marks a patched class attribute that the class itself did not define
 _LOCK = threading.RLock()
 _depth = 0
 _saved: list[tuple[Any, str, Any]] = []
@@ -166,9 +188,10 @@ def _install() -> None:
     try:
         for patch in _PATCHES:
             owner, name = patch.owner()
-            original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+            # A class attribute may be inherited (absent from the class's own dict): restored by deleting it.
+            original = owner.__dict__.get(name, _INHERITED) if isinstance(owner, type) else getattr(owner, name)
             _saved.append((owner, name, original))
-            setattr(owner, name, patch.make(original))
+            setattr(owner, name, patch.make(None if original is _INHERITED else original))
     except BaseException:
         _restore()
         raise
@@ -177,7 +200,10 @@ def _install() -> None:
 def _restore() -> None:
     while _saved:
         module, attribute, original = _saved.pop()
-        setattr(module, attribute, original)
+        if original is _INHERITED:
+            delattr(module, attribute)
+        else:
+            setattr(module, attribute, original)
 
 
 # Calibration tokens per batch on an accelerator: the sequential pipeline runs every expert's Linear loop, its

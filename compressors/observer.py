@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compressors.expert_slicing import MoEBlock, moe_blocks
+from architectures.blocks import MoEBlock, moe_blocks
 from fixtures.errors import CompressionError
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ class _Accumulator:
         import torch
 
         self.block = block
-        experts, hidden = block.num_experts, int(block.experts.down_proj.shape[1])
+        experts, hidden = block.num_experts, block.hidden_size
         self.sums = {name: torch.zeros(experts, dtype=torch.float64) for name in STATS if name != "mean_output"}
         self.sums["mean_output"] = torch.zeros(experts, hidden, dtype=torch.float64)
         self.n_tokens = 0
@@ -89,30 +89,25 @@ class _Accumulator:
     def on_router(self, module: Any, args: Any, output: Any) -> None:
         import torch
 
-        if not isinstance(output, tuple) or len(output) != 3:
-            raise CompressionError(f"{self.block.name}: router must return (logits, weights, indices)")
-        logits = output[0].detach().reshape(-1, self.block.num_experts)
-        self._probs = torch.softmax(logits.float(), dim=-1)
+        self._probs = torch.softmax(self.block.router_logits(output).float(), dim=-1)
 
     def on_experts(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         import torch
 
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        x, index, weights = (*args, *(kwargs[n] for n in names[len(args):]))
+        x, index, weights = self.block.call_arguments(args, kwargs)
         probs, self._probs = self._probs, None
         if probs is None or probs.shape[0] != x.shape[0]:
             raise CompressionError(f"{self.block.name}: experts called without a matching router call")
-        experts, sums, tokens = self.block.experts, self.sums, x.shape[0]
+        sums, tokens = self.sums, x.shape[0]
         # Every (token, slot) as flat lists: expert, token, combine weight.
         slot_expert = index.reshape(-1).long()
         slot_token = torch.arange(tokens, device=x.device).repeat_interleave(index.shape[1])
         slot_weight = weights.reshape(-1).double()
-        chunk = max(1, CHUNK_ELEMENTS // (tokens * int(experts.gate_up_proj.shape[1])))
+        chunk = max(1, CHUNK_ELEMENTS // (tokens * 2 * self.block.intermediate_size))
         with torch.no_grad():
             for start in range(0, self.block.num_experts, chunk):  # all experts of a chunk at once: [c, T, .]
                 stop = min(start + chunk, self.block.num_experts)
-                gate, up = torch.matmul(x, experts.gate_up_proj[start:stop].transpose(1, 2)).chunk(2, dim=-1)
-                out = torch.matmul(experts.act_fn(gate) * up, experts.down_proj[start:stop].transpose(1, 2))
+                out = self.block.expert_outputs(x, start, stop)
                 norms = out.float().norm(dim=-1).double()  # fp32 norms, as REAP
                 sums["mean_output"][start:stop] += out.double().sum(dim=1).cpu()
                 hit = (slot_expert >= start) & (slot_expert < stop)

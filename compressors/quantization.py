@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from architectures.families import family_named
 from compressors.base import MethodSpec, MoEInfo, register
 from compressors.expert_weights import IGNORE, ExpertWeightCompressor
 from compressors.runtime import EXPERT_TARGET, repack_experts
@@ -39,13 +40,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 GROUP_SIZES = (128, 64, 32)
-# Model types whose compressed per-expert keys plain transformers cannot reload (llmcompressor.md §5f).
-REPACK_QUANTIZED = frozenset({"mixtral"})
 _QPARAM_SUFFIXES = ("_scale", "_zero_point", "_g_idx", "_global_scale")
 # AWQ smoothing pair inside each expert (llmcompressor.md §5b): up_proj's output rows are divided by the
 # scales that down_proj's input columns are multiplied by. The default MoE mappings also rescale
 # `post_attention_layernorm` and the router `mlp.gate` (function-preserving but not bit-identical).
-AWQ_EXPERT_MAPPING = (r"re:.*mlp\.experts\.\d+\.up_proj$", [r"re:.*mlp\.experts\.\d+\.down_proj$"])
+AWQ_EXPERT_MAPPING = (r"re:.*\.experts\.\d+\.up_proj$", [r"re:.*\.experts\.\d+\.down_proj$"])
 
 
 @dataclass(frozen=True)
@@ -185,7 +184,8 @@ class WeightQuantizer(ExpertWeightCompressor):
     def finish(self, model: PreTrainedModel, info: MoEInfo,
                settings: dict[str, Any]) -> tuple[str, dict[str, dict[str, Any]]]:
         schemes = in_memory_schemes(model)
-        if info.architecture not in REPACK_QUANTIZED:
+        family = family_named(info.architecture)
+        if family is None or not family.repack_quantized:
             return settings["format"], schemes
         for module in quantized_modules(model).values():  # bake the grid in: the repack drops the qparams
             module.weight.data = fake_quantized_weight(module)

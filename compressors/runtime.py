@@ -26,9 +26,10 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # Expert projections after llmcompressor linearizes the fused experts (`LinearExperts2D`):
-# `model.layers.L.mlp.experts.E.{gate,up,down}_proj`. Shared experts (`mlp.shared_experts.*`,
-# `mlp.shared_expert.*`), routers (`mlp.gate`), attention, norms, embeddings and lm_head do not match.
-EXPERT_PATTERN = r".*mlp\.experts\.\d+\.(gate|up|down)_proj$"
+# `model.layers.L.<block>.experts.E.{gate,up,down}_proj`, the block being `mlp` or Granite's `block_sparse_moe`.
+# Shared experts (`mlp.shared_experts.*`, `mlp.shared_expert.*`: no expert number), routers (`mlp.gate`,
+# `mlp.router`), attention, norms, embeddings and lm_head do not match.
+EXPERT_PATTERN = r".*\.experts\.\d+\.(gate|up|down)_proj$"
 EXPERT_TARGET = "re:" + EXPERT_PATTERN
 
 
@@ -159,23 +160,33 @@ def repack_experts(model: PreTrainedModel) -> list[str]:
 
     Each fused module is linearized back and must give the same expert weights and biases, bit for bit.
     (Logits are no check here: in bf16 llmcompressor's per-expert loop and the native Mixtral kernel
-    already differ by ~1 logit on the *dense* model.) Returns the repacked module names."""
-    import torch
+    already differ by ~1 logit on the *dense* model.) Runs under the llmcompressor patches (GPT-OSS's
+    interleaved writer). Returns the repacked module names."""
     from llmcompressor.modeling.moe.linearize import get_linearized_moes
 
+    from compressors.llmc_patches import llmcompressor_patches
+
     repacked = []
-    for name, linear in get_linearized_moes(model):
-        fused: Any = linear.to_experts_module()
-        back = type(linear).from_experts_module(fused, cast(Any, linear)._source_config)
-        for index in range(linear.num_experts):
-            want = {k: v for k, v in linear[index].named_parameters() if k.endswith((".weight", ".bias"))}
-            got = dict(back[index].named_parameters())
-            for key, value in want.items():
-                if key not in got or not torch.equal(got[key].to(value.device), value):
-                    raise CompressionError(f"repacking {name}: expert {index} {key} does not round-trip")
-        model.set_submodule(name, fused)
-        repacked.append(name)
+    with llmcompressor_patches():
+        for name, linear in get_linearized_moes(model):
+            model.set_submodule(name, round_tripped_fused(name, linear))
+            repacked.append(name)
     return repacked
+
+
+def round_tripped_fused(name: str, linear: Any) -> Any:
+    """The fused experts module of one `LinearExperts2D`, after checking it linearizes back bit for bit."""
+    import torch
+
+    fused: Any = linear.to_experts_module()
+    back = type(linear).from_experts_module(fused, cast(Any, linear)._source_config)
+    for index in range(linear.num_experts):
+        want = {k: v for k, v in linear[index].named_parameters() if k.endswith((".weight", ".bias"))}
+        got = dict(back[index].named_parameters())
+        for key, value in want.items():
+            if key not in got or not torch.equal(got[key].to(value.device), value):
+                raise CompressionError(f"repacking {name}: expert {index} {key} does not round-trip")
+    return fused
 
 
 def set_expert_count(model: PreTrainedModel, count: int) -> list[str]:

@@ -17,10 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import compressors
+from architectures.blocks import MoEBlock, moe_blocks
 from compressors import MethodSpec, MoEInfo, moe_info
 from compressors import observer as observer_module
 from compressors.expert_pruning import REAPCompressor, lowest, recording_reap_modifier
-from compressors.expert_slicing import MoEBlock, copies, moe_blocks, prune_block, remap_block
+from compressors.expert_slicing import copies, prune_block, remap_block
 from compressors.hcsmoe import average_linkage_clusters, merge_terms, router_terms
 from compressors.llmc_patches import run_oneshot
 from fixtures.errors import CompressionError, ConfigError

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from routing_reference import SOFTMAX_ZOO
 
 from benchmarks.generation import GenerationSettings, encode_chat, generate, load_causal_lm
 from benchmarks.packing import attention_mask, batch_rows, layout_batch, pack_rows, plan_groups
@@ -16,7 +17,7 @@ from fixtures.zoo import materialize_zoo_model
 GIB = 2**30
 
 
-@pytest.mark.parametrize("zoo", ["qwen3-moe-tiny", "ernie45-moe-tiny"])
+@pytest.mark.parametrize("zoo", SOFTMAX_ZOO)
 def test_fast_engine_equals_reference(zoo: str, session_cache_dir: Path) -> None:
     """Same tokens, same top-20 ids and log-probs, same finish reasons, greedy and sampled (CPU, fp32)."""
     model, tokenizer = load_causal_lm(materialize_zoo_model(zoo, session_cache_dir), "cpu")

@@ -19,6 +19,13 @@ EXPECTED_CLASSES = {
     "olmoe-tiny": "OlmoeForCausalLM",
     "mixtral-tiny": "MixtralForCausalLM",
     "qwen3-moe-small": "Qwen3MoeForCausalLM",
+    "qwen2-moe-tiny": "Qwen2MoeForCausalLM",
+    "glm4-moe-tiny": "Glm4MoeForCausalLM",
+    "deepseek-v3-tiny": "DeepseekV3ForCausalLM",
+    "phimoe-tiny": "PhimoeForCausalLM",
+    "gpt-oss-tiny": "GptOssForCausalLM",
+    "granitemoe-tiny": "GraniteMoeForCausalLM",
+    "qwen3-next-tiny": "Qwen3NextForCausalLM",
 }
 
 

@@ -1,4 +1,4 @@
-"""A Mixture-of-Experts of a real model's shape with random weights, built directly on the target device.
+"""A Mixture-of-Experts of a real model's shape (Qwen3-MoE, GPT-OSS, Granite) with random weights, built directly on the target device.
 
 Why random weights: the throughput of a 30B MoE depends on its shape (layers, experts, top-k, widths,
 vocabulary), not on trained values, and no pretrained checkpoint is reachable from the GPU machine. The model
@@ -33,6 +33,18 @@ SHAPES: dict[str, dict[str, Any]] = {
                      "num_key_value_heads": 4, "head_dim": 128, "num_experts": 64, "num_experts_per_tok": 8,
                      "norm_topk_prob": True, "max_position_embeddings": 40960, "rope_theta": 1e6,
                      "tie_word_embeddings": False, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    # openai/gpt-oss-20b config.json (transposed interleaved experts with biases, sliding/full attention, sinks);
+    # hidden 2880 is no multiple of 128 (group size 64 is chosen). Run with --layers: 4 layers are 4.3B.
+    "gpt-oss-20b": {"config_class": "GptOssConfig", "vocab_size": 201088, "hidden_size": 2880,
+                    "intermediate_size": 2880, "num_hidden_layers": 24, "num_attention_heads": 64,
+                    "num_key_value_heads": 8, "head_dim": 64, "num_local_experts": 32, "num_experts_per_tok": 4,
+                    "sliding_window": 128, "max_position_embeddings": 131072, "tie_word_embeddings": False},
+    # ibm-granite/granite-3.0-3b-a800m config.json (`block_sparse_moe`, router returning indices first): 3.3B.
+    "granite-3b-a800m": {"config_class": "GraniteMoeConfig", "vocab_size": 49155, "hidden_size": 1536,
+                         "intermediate_size": 512, "num_hidden_layers": 32, "num_attention_heads": 24,
+                         "num_key_value_heads": 8, "num_local_experts": 40, "num_experts_per_tok": 8,
+                         "max_position_embeddings": 4096, "tie_word_embeddings": True, "embedding_multiplier": 12.0,
+                         "logits_scaling": 6.0, "residual_multiplier": 0.22, "attention_multiplier": 0.015625},
     # Same code path at CPU size, for developing and testing the script.
     "tiny": {"vocab_size": 8192, "hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 128,
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
@@ -43,13 +55,14 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 def build_random_model(shape: str, device: str, dtype: str, decodable_ids: int, seed: int = 0,
                        layers: int | None = None) -> Any:
-    """The Qwen3-MoE of `shape` on `device` in `dtype`, eval mode, grouped_mm experts on CUDA. `layers`
+    """The MoE of `shape` (Qwen3-MoE unless the shape names its config class) on `device` in `dtype`, eval mode, grouped_mm experts on CUDA. `layers`
     keeps the shape's layer geometry with fewer decoder layers (per-layer costs are the full model's)."""
     import torch
     import transformers
 
     fields = {**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}
-    config = transformers.Qwen3MoeConfig(**fields, **ZOO_TOKEN_IDS)
+    config_class = getattr(transformers, fields.pop("config_class", "Qwen3MoeConfig"))
+    config = config_class(**fields, **ZOO_TOKEN_IDS)
     torch.manual_seed(seed)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
@@ -86,7 +99,7 @@ def save_random_model(shape: str, out_dir: Path, device: str, dtype: str, seed: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="save a random-weight Qwen3-MoE of a real shape for --model")
+    parser = argparse.ArgumentParser(description="save a random-weight MoE of a real shape for --model")
     parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda")
