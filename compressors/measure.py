@@ -58,23 +58,26 @@ def stored_bits(out_dir: Path) -> dict[str, dict[str, Any]]:
     for them the caller takes the reloaded dtype, which `dtype="auto"` keeps exactly as stored."""
     from safetensors import safe_open
 
-    stored: dict[str, dict[str, Any]] = {}
+    # One index over every shard first: a module's weight and its scale can land in different shard files.
+    shapes: dict[str, tuple[list[int], str]] = {}
+    shape_of: dict[str, list[int]] = {}
     for file in sorted(Path(out_dir).glob("*.safetensors")):
         with safe_open(str(file), "pt") as handle:
-            shapes = {key: (handle.get_slice(key).get_shape(), handle.get_slice(key).get_dtype())
-                      for key in handle.keys()}  # noqa: SIM118 (safe_open is not a mapping)
-            shape_of = {key.removesuffix(".weight_shape"): [int(d) for d in handle.get_tensor(key).tolist()]
-                        for key in shapes if key.endswith(".weight_shape")}
-        per_module: dict[str, int] = Counter()
-        for key, (shape, dtype) in shapes.items():
-            module, leaf = key.rsplit(".", 1)
-            if _EXPERT.match(module) and leaf in _STORED:
-                per_module[module] += _numel(shape) * _ITEMSIZE[dtype]
-        for module, nbytes in per_module.items():
-            packed = f"{module}.weight_packed" in shapes
-            shape, dtype = shapes[f"{module}.weight_packed" if packed else f"{module}.weight"]
-            numel = _numel(shape_of.get(module, shape))
-            stored[module] = {"stored_dtype": dtype, "effective_bits": round(8 * nbytes / numel, 4)}
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                shapes[key] = (handle.get_slice(key).get_shape(), handle.get_slice(key).get_dtype())
+                if key.endswith(".weight_shape"):
+                    shape_of[key.removesuffix(".weight_shape")] = [int(d) for d in handle.get_tensor(key).tolist()]
+    per_module: dict[str, int] = Counter()
+    for key, (shape, dtype) in shapes.items():
+        module, leaf = key.rsplit(".", 1)
+        if _EXPERT.match(module) and leaf in _STORED:
+            per_module[module] += _numel(shape) * _ITEMSIZE[dtype]
+    stored: dict[str, dict[str, Any]] = {}
+    for module, nbytes in per_module.items():
+        packed = f"{module}.weight_packed" in shapes
+        shape, dtype = shapes[f"{module}.weight_packed" if packed else f"{module}.weight"]
+        numel = _numel(shape_of.get(module, shape))
+        stored[module] = {"stored_dtype": dtype, "effective_bits": round(8 * nbytes / numel, 4)}
     return stored
 
 

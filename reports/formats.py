@@ -19,6 +19,7 @@ from typing import Any
 
 from reports.escaping import Tex, arrow, csv_text, fmt, md_cell, tex_escape
 from reports.heatmaps import Heatmap, drift_heatmaps
+from reports.overview import overview
 from reports.tables import family_of, flip_rows, report_tables, table_of
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -70,7 +71,8 @@ def _render(kind: str, name: str, document: dict[str, Any], template_dir: Path |
     # checks where no item flipped are folded into one line: the table lists what changed
     unflipped = [f for f in rows if f["changed"] == 0 and f["verdict"] == "pass"]
     return str(env.get_template(name).render(
-        doc=document, tables=tables, table=tables[0], flips=[f for f in rows if f not in unflipped],
+        doc=document, tables=tables, table=tables[0], overview=overview(document),
+        flips=[f for f in rows if f not in unflipped],
         unflipped=unflipped, confidence=confidence,
         blocked=[c for c in document.get("checks", []) if c.get("verdict") == "fail"],
         unmeasured=[c for c in document.get("checks", []) if c.get("verdict") not in ("pass", "fail")],

@@ -16,6 +16,8 @@ import math
 import re
 from typing import Any
 
+from reports.labels import metric_label
+
 FAMILY_ORDER = ("quantization", "sparsity", "expert")
 FLIP_ITEMS_SHOWN = 10
 APPENDIX = "A"
@@ -166,7 +168,8 @@ def report_tables(document: dict[str, Any]) -> list[dict[str, Any]]:
     for metric in document.get("metrics", []):
         tolerance = next((c.get("tolerance") for (_, m), c in checks.items() if m == metric), None)
         judged = any(c.get("refusal_judge") for (_, m), c in checks.items() if m == metric)
-        columns.append({"metric": metric, "direction": metric_direction(tolerance), "judged": judged})
+        columns.append({"metric": metric, "label": metric_label(metric), "direction": metric_direction(tolerance),
+                        "judged": judged})
     dense = {column["metric"]: number(document.get("dense", {}).get(column["metric"])) for column in columns}
     checkpoints = document.get("checkpoints", [])
     averaged = {_setting_key(c) for c in checkpoints if c.get("kind") == "seed_mean"}

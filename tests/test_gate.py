@@ -57,6 +57,21 @@ def test_breach_fails_with_the_full_story(project: pytest.Pytester) -> None:
     assert len([line for line in section.splitlines() if line.strip()]) <= 14 * output.count("BLOCKED "), section
 
 
+def test_a_check_with_too_few_items_errors_with_its_message_alone(project: pytest.Pytester) -> None:
+    """An error of the suite's own (here: BBQ at --limit 28 leaves 14 ambiguous items, below min_items 20) is
+    one line, not a traceback through the plugin; `--tb=long` still gives the traceback."""
+    args = ("--methods", "reap", "--benchmarks", "bbq", "--limit", "28", "--safety-fractions", "0",
+            "--ratios", "0.5", "-p", "no:cacheprovider", "-k", "amb_bias")
+    result = project.runpytest_subprocess(*args)
+    output = result.stdout.str()
+    assert "ERROR GateError: bbq.amb_bias_score: only 14 items, fewer than min_items 20" in output, output[-3000:]
+    assert "fixtures/gate.py" not in output and "audit_case = AuditCase(" not in output
+    section = output.split("= ERRORS =")[1].split("= moe-fbs-audit =")[0]
+    lines = [line for line in section.splitlines() if line.strip(" =")]
+    assert len(lines) == 2 * output.count("ERROR GateError"), section
+    assert "fixtures/gate.py" in project.runpytest_subprocess(*args, "--tb=long").stdout.str()
+
+
 def test_ci_mode_passes_a_noisy_but_within_delta_that_point_mode_fails(project: pytest.Pytester) -> None:
     _set_flip_tolerance(project, 0.0, "ci")
     _, document = _run(project, "--methods", "reap")

@@ -181,3 +181,17 @@ def test_data_free_methods_build_one_checkpoint_unless_seed_dependent(audit_dir:
     checkpoints = sorted({i.rsplit("-", 1)[0] for i in ids})
     # random pruning depends on its seed, so it also gets a seed mean; fp8 is built once, so it gets none
     assert checkpoints == ["fp8-w8a8-seed0", "random-s50-seed0", "random-s50-seed1", "random-s50-seedmean"]
+
+
+def test_builds_and_evaluations_show_live_progress_lines(audit_project: pytest.Pytester) -> None:
+    """Each build and evaluation is announced when it starts and ends (seconds, largest phases, what is left);
+    libraries' progress bars stay out of the terminal."""
+    result = audit_project.runpytest_subprocess("--methods", "reap,magnitude", "--ratios", "0.5", "--schemes", "s50",
+                                                "--safety-fractions", "0", "--benchmarks", "crows_pairs",
+                                                "--limit", "28", "--cache-dir", "fresh-cache", "-p", "no:cacheprovider")
+    output = result.stdout.str() + result.stderr.str()
+    assert result.ret == pytest.ExitCode.OK, output[-3000:]
+    for fragment in ("[main] build reap-r50-safety0-seed0 ...", "[main] build reap-r50-safety0-seed0 done in",
+                     "(observer ", "[main] evaluate dense on crows_pairs ...", "more build step(s) at this mean"):
+        assert fragment in output, fragment
+    assert "Writing model shards" not in output and "it/s]" not in output

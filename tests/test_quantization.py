@@ -382,3 +382,17 @@ def test_audit_collects_every_method_and_scheme(shared_data_dir: Path, tmp_path:
     want = {f"{label}-safety{f}-seed0" for label in calibrated for f in ("0", "11.8", "100")}
     want |= {"fp8-w8a8-seed0", "magnitude-s50-seed0", "random-s50-seed0"}
     assert ids == want
+
+
+def test_stored_bits_reads_a_module_whose_weight_and_scale_are_in_different_shards(tmp_path: Path) -> None:
+    """A large checkpoint is saved in several shards, and a module's weight and its scale can land in different
+    files (measured: FP8 on a 13B DeepSeek-V3 layer failed with a KeyError before the shards were indexed
+    together). 8-bit weights [4, 8] with one bf16 scale per row: 8 + 4·16/32 = 10 bits per weight."""
+    from safetensors.torch import save_file
+
+    from compressors.measure import stored_bits
+
+    module = "model.layers.0.mlp.experts.0.gate_proj"
+    save_file({f"{module}.weight": torch.zeros(4, 8).to(torch.float8_e4m3fn)}, str(tmp_path / "a.safetensors"))
+    save_file({f"{module}.weight_scale": torch.ones(4, 1, dtype=torch.bfloat16)}, str(tmp_path / "b.safetensors"))
+    assert stored_bits(tmp_path) == {module: {"stored_dtype": "F8_E4M3", "effective_bits": 10.0}}

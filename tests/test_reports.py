@@ -81,10 +81,12 @@ def test_one_table_per_ratio_seed_means_in_the_tables_seeds_in_the_appendix(docu
     assert appendix["reap-r50-safety0-seed1"]["cells"]["bbq.acc"]["best"]
     assert not appendix["reap-r50-safety0-seed0"]["cells"]["bbq.acc"]["best"]
     assert first["reap-r50-safety0-seedmean"]["seed"] == "mean 0,1"
-    for render in (render_markdown, render_latex, render_html):
+    for render in (render_markdown, render_html):
         text = render(document)
         for key in ("1", "2", "A"):
             assert f"Table {key}:" in text, (render.__name__, key)
+    latex = render_latex(document)  # LaTeX numbers its own captions ("Table 1: ..."): the caption names the key
+    assert "\\caption{Table" not in latex and all(f"(report table {key})" in latex for key in ("1", "2", "A"))
     csv_rows = render_csv(document).splitlines()
     assert csv_rows[0].startswith("checkpoint,kind,table,")
     assert any(r.startswith("reap-r50-safety0-seedmean,seed_mean,1,") for r in csv_rows)
@@ -246,3 +248,38 @@ def test_flip_checks_without_flips_are_folded_into_one_line(document: dict[str, 
     assert f"No item flipped in 1 flip check(s): `{quiet['checkpoint']['id']}` {quiet['metric']}." in markdown
     assert "<summary>No item flipped in 1 flip check(s)</summary>" in html
     assert all(f"| {c['checkpoint']['id']} | {c['metric']} |" in markdown for c in flip_checks[1:])
+
+
+def test_columns_are_headed_by_paper_labels_and_ids_stay_in_the_data(document: dict[str, Any]) -> None:
+    """Markdown, HTML and LaTeX head the columns with the words a reader knows and list label = id below the
+    tables; the CSV keeps the ids (what `-k`, thresholds.toml and results.json use)."""
+    from reports.labels import METRIC_LABELS
+
+    metrics = document["metrics"]
+    assert metrics and all(m in METRIC_LABELS for m in metrics)
+    markdown, html, latex = render_markdown(document), render_html(document), render_latex(document)
+    header = next(line for line in markdown.splitlines() if line.startswith("| family |"))
+    assert METRIC_LABELS["bbq.amb_bias_score"] in header and "bbq.amb_bias_score" not in header
+    assert f"{METRIC_LABELS['bbq.amb_bias_score']} = `bbq.amb_bias_score`" in markdown
+    assert f'<th title="bbq.amb_bias_score">{METRIC_LABELS["bbq.amb_bias_score"]}' in html
+    assert tex_escape(METRIC_LABELS["crows_pairs.pct_stereotype"]) in latex
+    assert "bbq.amb_bias_score" in render_csv(document) and METRIC_LABELS["bbq.amb_bias_score"] not in render_csv(
+        document)
+
+
+def test_html_opens_with_the_verdict_and_the_overview_grid(document: dict[str, Any]) -> None:
+    """Before any table: the headline, each blocked checkpoint with its checks, then checkpoint × metric cells
+    coloured by the worsening in tolerance units and marked ✕ where blocked."""
+    from reports.overview import colour, overview
+
+    html = render_html(document)
+    assert html.index('id="verdict"') < html.index('class="overview"') < html.index('id="table-1"')
+    view = overview(document)
+    assert view["headline"].startswith("4 of 6 checkpoint(s) blocked")
+    blocked = {name for name, _ in view["blocked"]}
+    assert "reap-r50-safety0-seed0" in blocked and "gptq-w4a16-safety0-seed0" not in blocked
+    failing = [c for row in view["rows"] for c in row["cells"] if c["verdict"] == "fail"]
+    assert failing and all(c["mark"] == "✕" and c["units"] > 1 for c in failing)
+    assert html.count(">✕</td>") == len(failing)
+    greens = [colour(u) for u in (-1.0, 0.0)]
+    assert greens[0] == greens[1] and colour(1.0) != colour(0.5) != colour(3.0) and colour(None) == "#e0e0e0"

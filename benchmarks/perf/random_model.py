@@ -1,4 +1,5 @@
-"""A Mixture-of-Experts of a real model's shape (Qwen3-MoE, GPT-OSS, Granite) with random weights, built directly on the target device.
+"""A Mixture-of-Experts of a real model's shape (Qwen3-MoE, GPT-OSS, Granite) with random weights, built on the
+target device.
 
 Why random weights: the throughput of a 30B MoE depends on its shape (layers, experts, top-k, widths,
 vocabulary), not on trained values, and no pretrained checkpoint is reachable from the GPU machine. The model
@@ -45,6 +46,15 @@ SHAPES: dict[str, dict[str, Any]] = {
                          "num_key_value_heads": 8, "num_local_experts": 40, "num_experts_per_tok": 8,
                          "max_position_embeddings": 4096, "tie_word_embeddings": True, "embedding_multiplier": 12.0,
                          "logits_scaling": 6.0, "residual_multiplier": 0.22, "attention_multiplier": 0.015625},
+    # deepseek-ai/DeepSeek-V3 config.json with every layer an MoE layer (first_k_dense_replace 0): MLA attention,
+    # 256 experts top-8 in 8 groups (4 picked), sigmoid routing with a correction bias. One layer is 13.4B.
+    "deepseek-v3": {"config_class": "DeepseekV3Config", "vocab_size": 129280, "hidden_size": 7168,
+                    "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+                    "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536,
+                    "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128,
+                    "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8,
+                    "topk_group": 4, "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+                    "first_k_dense_replace": 0, "max_position_embeddings": 163840, "tie_word_embeddings": False},
     # Same code path at CPU size, for developing and testing the script.
     "tiny": {"vocab_size": 8192, "hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 128,
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
@@ -55,8 +65,9 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 def build_random_model(shape: str, device: str, dtype: str, decodable_ids: int, seed: int = 0,
                        layers: int | None = None) -> Any:
-    """The MoE of `shape` (Qwen3-MoE unless the shape names its config class) on `device` in `dtype`, eval mode, grouped_mm experts on CUDA. `layers`
-    keeps the shape's layer geometry with fewer decoder layers (per-layer costs are the full model's)."""
+    """The MoE of `shape` (Qwen3-MoE unless the shape names its config class) on `device` in `dtype`, eval
+    mode, grouped_mm experts on CUDA. `layers` keeps the shape's layer geometry with fewer decoder layers
+    (per-layer costs are the full model's)."""
     import torch
     import transformers
 
