@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from architectures.families import FAMILIES, Family
@@ -86,10 +87,14 @@ class MoEBlock:
                                    f"{tuple(logits.shape)}, not the logits over {self.num_experts} experts")
         return logits.detach().reshape(-1, self.num_experts)
 
+    @cached_property
+    def _experts_signature(self) -> inspect.Signature:
+        return inspect.signature(self.experts.forward)  # read once: the observer asks on every forward
+
     def call_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, Any]:
         """(hidden_states [T, H], selected indices [T, k], combine weights [T, k]) of an experts call, whatever
         the family names them (`top_k_index`/`top_k_weights`, GPT-OSS `router_indices`/`routing_weights`)."""
-        bound = inspect.signature(self.experts.forward).bind(*args, **kwargs)
+        bound = self._experts_signature.bind(*args, **kwargs)
         values = list(bound.arguments.values())
         if len(values) < 3:
             raise CompressionError(f"{self.name}: experts called with {len(values)} arguments, expected "
