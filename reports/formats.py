@@ -20,6 +20,7 @@ from typing import Any
 from reports.escaping import Tex, arrow, csv_text, fmt, md_cell, tex_escape
 from reports.heatmaps import Heatmap, drift_heatmaps
 from reports.overview import overview
+from reports.paper import panels
 from reports.tables import family_of, flip_rows, report_tables, table_of
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -59,6 +60,7 @@ def _environment(kind: str, template_dir: Path | None) -> Any:
     env = jinja2.Environment(**options)
     env.filters.update(filters)
     env.globals["marks"] = MARKS[kind]
+    env.globals["panels"] = panels
     return env
 
 

@@ -29,5 +29,35 @@ METRIC_LABELS: dict[str, str] = {
 }
 
 
+# The paper's column groups, in its order; a metric is placed by its id (see metric_group).
+HEADLINE_GROUPS = ("Social Bias", "Safety & Refusal", "Capability")
+FURTHER_GROUPS = ("Item Flips", "Generation Drift", "Other")
+_CAPABILITY = {"bbq.acc", "stereoset.icat"}
+_SOCIAL_BIAS = ("bbq.", "crows_pairs.", "stereoset.")
+_SAFETY = ("xstest.", "advbench.")
+
+
 def metric_label(metric: str) -> str:
     return METRIC_LABELS.get(metric, metric)
+
+
+def metric_group(metric: str) -> str:
+    """The column group a paper table heads this metric with: flips and drift apart from the headline metrics,
+    capability apart from bias (BBQ accuracy is the benchmark's capability control, not a bias score)."""
+    if ".flip_" in metric:
+        return "Item Flips"
+    if metric.startswith("drift."):
+        return "Generation Drift"
+    if metric in _CAPABILITY:
+        return "Capability"
+    if metric.startswith(_SOCIAL_BIAS):
+        return "Social Bias"
+    if metric.startswith(_SAFETY):
+        return "Safety & Refusal"
+    return "Other"
+
+
+def in_group_order(metrics: list[str]) -> list[str]:
+    """The metrics grouped as the paper groups its columns (headline groups first), each group in run order."""
+    order = HEADLINE_GROUPS + FURTHER_GROUPS
+    return sorted(metrics, key=lambda metric: order.index(metric_group(metric)))

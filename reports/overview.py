@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reports.labels import metric_label
+from reports.labels import in_group_order, metric_group, metric_label
 from reports.tables import number
 
 MARK = {"fail": "✕", "error": "!", "pass": ""}
@@ -43,8 +43,9 @@ def _mix(low: tuple[int, int, int], high: tuple[int, int, int], share: float) ->
 
 
 def overview(document: dict[str, Any]) -> dict[str, Any]:
-    """{headline, blocked: [(checkpoint, [labels])], unmeasured: [...], metrics: [(id, label)], rows: [...]}"""
-    metrics = list(document.get("metrics", []))
+    """{headline, blocked: [(checkpoint, [labels])], unmeasured: [...], metrics: [(id, label)],
+    groups: [(group name, column count)], rows: [...]}; columns in the paper's group order."""
+    metrics = in_group_order(list(document.get("metrics", [])))
     checks: dict[str, dict[str, dict[str, Any]]] = {}
     for check in document.get("checks", []):
         checks.setdefault(check["checkpoint"]["id"], {})[check["metric"]] = check
@@ -70,5 +71,8 @@ def overview(document: dict[str, Any]) -> dict[str, Any]:
             cells.append({"metric": metric, "verdict": verdict, "mark": MARK.get(verdict or "", ""),
                           "units": units, "colour": colour(units)})
         rows.append({"checkpoint": name, "cells": cells})
+    groups: dict[str, int] = {}  # metrics are in group order, so each group's columns are adjacent
+    for metric in metrics:
+        groups[metric_group(metric)] = groups.get(metric_group(metric), 0) + 1
     return {"headline": headline, "blocked": blocked, "unmeasured": unmeasured,
-            "metrics": [(m, metric_label(m)) for m in metrics], "rows": rows}
+            "metrics": [(m, metric_label(m)) for m in metrics], "groups": list(groups.items()), "rows": rows}

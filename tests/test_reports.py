@@ -85,8 +85,8 @@ def test_one_table_per_ratio_seed_means_in_the_tables_seeds_in_the_appendix(docu
         text = render(document)
         for key in ("1", "2", "A"):
             assert f"Table {key}:" in text, (render.__name__, key)
-    latex = render_latex(document)  # LaTeX numbers its own captions ("Table 1: ..."): the caption names the key
-    assert "\\caption{Table" not in latex and all(f"(report table {key})" in latex for key in ("1", "2", "A"))
+    latex = render_latex(document)  # unnumbered captions (caption*) that name the report's own key
+    assert "\\caption{" not in latex and all(f"\\textbf{{Table {key}a.}}" in latex for key in ("1", "2", "A"))
     csv_rows = render_csv(document).splitlines()
     assert csv_rows[0].startswith("checkpoint,kind,table,")
     assert any(r.startswith("reap-r50-safety0-seedmean,seed_mean,1,") for r in csv_rows)
@@ -103,7 +103,9 @@ def test_every_cell_shows_value_delta_ci_and_verdict_in_every_format(document: d
     assert f"{value} ({delta} [{low}, {high}]) **FAIL**" in render_markdown(document)
     assert (f"{value}</span><br><span class=\"ci\">{delta} [{low}, {high}]</span><br>"
             '<span class="v-fail">FAIL</span>') in render_html(document)
-    assert f"{value} {{\\scriptsize ({delta} [{low}, {high}]) \\textbf{{FAIL}}}}" in render_latex(document)
+    latex = render_latex(document)  # the paper layout: value (delta) here, the interval in the CI companion
+    assert f"{value}\\,{{\\scriptsize({delta})}}$^{{\\times}}$" in latex
+    assert f"\\mbox{{\\scriptsize [{low}, {high}]$^{{\\times}}$}}" in latex
 
 
 def test_verdicts_are_visibly_different(document: dict[str, Any]) -> None:
@@ -283,3 +285,31 @@ def test_html_opens_with_the_verdict_and_the_overview_grid(document: dict[str, A
     assert html.count(">✕</td>") == len(failing)
     greens = [colour(u) for u in (-1.0, 0.0)]
     assert greens[0] == greens[1] and colour(1.0) != colour(0.5) != colour(3.0) and colour(None) == "#e0e0e0"
+
+
+def test_latex_tables_are_paper_panels_with_grouped_heads_and_a_ci_companion(document: dict[str, Any]) -> None:
+    """Headline metrics (Social Bias / Safety & Refusal / Capability) in one panel, flips and drift in the
+    next, at most MAX_PANEL_COLUMNS metrics each, no \\resizebox; every panel has its CI companion; captions
+    are numbered once by the report (Table 1a), not again by LaTeX."""
+    from reports.labels import HEADLINE_GROUPS
+    from reports.paper import MAX_PANEL_COLUMNS, panels
+
+    table = table_model(document)
+    split = panels(table)
+    assert [[g["name"] for g in p["groups"]] for p in split] == [["Social Bias", "Capability"],
+                                                                  ["Item Flips", "Generation Drift"]]
+    assert sorted(c["metric"] for p in split for c in p["columns"]) == sorted(document["metrics"])
+    narrow = panels(table, limit=2)
+    # headline groups never share a panel with flips or drift; a group that does not fit starts a new panel
+    assert [[g["name"] for g in p["groups"]] for p in narrow] == [["Social Bias"], ["Capability"], ["Item Flips"],
+                                                                   ["Generation Drift"]]
+    assert all(len(p["columns"]) <= 2 for p in narrow) and [p["letter"] for p in narrow] == ["a", "b", "c", "d"]
+    assert all(g["name"] in HEADLINE_GROUPS for p in narrow[:2] for g in p["groups"])
+    assert all(len(p["columns"]) <= MAX_PANEL_COLUMNS for p in split)
+    latex = render_latex(document)
+    assert "\\resizebox" not in latex and "\\caption{" not in latex
+    for key in ("1a", "1b", "2a", "Aa"):
+        assert f"\\textbf{{Table {key}.}}" in latex and f"\\textbf{{Table {key} CI.}}" in latex
+    assert "\\multicolumn{2}{c}{Social Bias}" in latex and "\\cmidrule(lr){6-7}" in latex
+    html = render_html(document)  # the overview grid heads its columns by the same groups, in the same order
+    assert html.index(">Social Bias</th>") < html.index(">Capability</th>") < html.index(">Item Flips</th>")
