@@ -12,6 +12,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -313,3 +316,16 @@ def test_latex_tables_are_paper_panels_with_grouped_heads_and_a_ci_companion(doc
     assert "\\multicolumn{2}{c}{Social Bias}" in latex and "\\cmidrule(lr){6-7}" in latex
     html = render_html(document)  # the overview grid heads its columns by the same groups, in the same order
     assert html.index(">Social Bias</th>") < html.index(">Capability</th>") < html.index(">Item Flips</th>")
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="needs pdflatex (Debian: texlive-latex-recommended)")
+def test_latex_report_compiles_without_overfull_tables(document: dict[str, Any], tmp_path: Path) -> None:
+    """The golden document's report.tex compiles with pdflatex and no table is wider than the page."""
+    write_reports(document, tmp_path)
+    run = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "report.tex"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:]
+    log = (tmp_path / "report.log").read_text(encoding="utf-8", errors="replace")
+    widths = [float(w) for w in re.findall(r"Overfull \\hbox \(([\d.]+)pt too wide\) in (?:paragraph|alignment)",
+                                           log)]
+    assert all(width < 6 for width in widths), widths  # a few points of a CI cell, never a column off the page
