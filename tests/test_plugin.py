@@ -140,6 +140,27 @@ def test_limit_below_a_benchmarks_strata_is_refused_before_anything_is_built(aud
     assert not (cache / "checkpoints").exists() and not (cache / "zoo").exists()
 
 
+def test_limit_leaving_a_metric_fewer_items_than_min_items_is_refused_at_start_up(
+        audit_dir: pytest.Pytester, tmp_path: Path, shared_data_dir: Path) -> None:
+    """BBQ at --limit 28 samples 14 ambiguous and 14 disambiguated items; its bias scores need min_items 20, which
+    the data alone shows before any model runs: exit 4 with one message naming both and the limit that would do."""
+    cache = tmp_path / "never-built"
+    result = audit_dir.runpytest("--methods", "reap", "--limit", "28", "--benchmarks", "bbq", "--cache-dir",
+                                 str(cache))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stdout.fnmatch_lines(["*moe-fbs-audit: --limit 28 is too small: bbq.amb_bias_score gets 14 of the 28 "
+                                 "sampled items, fewer than its min_items 20; about --limit 40 would;*"
+                                 "bbq.disamb_bias_score gets 14*"])
+    assert not (cache / "checkpoints").exists() and not (cache / "zoo").exists()
+    from benchmarks.preflight import check_limit_covers_min_items
+    from fixtures.data import DataSource
+
+    source = DataSource(shared_data_dir)
+    check_limit_covers_min_items({"bbq.amb_bias_score": 20, "bbq.disamb_bias_score": 20}, source, 40, 0)  # enough
+    # a flip metric's eligible items are known only from the dense model's answers: not judged here
+    check_limit_covers_min_items({"bbq.flip_bias_emergence": 1000}, source, 28, 0)
+
+
 def test_non_moe_model_is_refused(audit_dir: pytest.Pytester, tmp_path: Path) -> None:
     dense = tmp_path / "dense"
     dense.mkdir()
