@@ -21,6 +21,7 @@ from reports.escaping import Tex, arrow, csv_text, fmt, md_cell, tex_escape
 from reports.heatmaps import Heatmap, drift_heatmaps
 from reports.overview import overview
 from reports.paper import panels
+from reports.power import detection_power, power_rows, underpowered_passes
 from reports.tables import family_of, flip_rows, report_tables, table_of
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -75,7 +76,8 @@ def _render(kind: str, name: str, document: dict[str, Any], template_dir: Path |
     return str(env.get_template(name).render(
         doc=document, tables=tables, table=tables[0], overview=overview(document),
         flips=[f for f in rows if f not in unflipped],
-        unflipped=unflipped, confidence=confidence,
+        unflipped=unflipped, confidence=confidence, power=power_rows(document),
+        underpowered=underpowered_passes(document), detection=detection_power(document),
         blocked=[c for c in document.get("checks", []) if c.get("verdict") == "fail"],
         unmeasured=[c for c in document.get("checks", []) if c.get("verdict") not in ("pass", "fail")],
         heatmaps=[{"file": h.file, "title": h.title,

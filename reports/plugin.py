@@ -68,6 +68,8 @@ class ReportCollector:
                 "could not be measured (errors, not verdicts: fix the cause and run again):")
             for checkpoint, (count, cause) in unmeasured.items():
                 terminalreporter.write_line(f"  {checkpoint}: {count} check(s): {cause}")
+        for line in underpowered_lines(records):
+            terminalreporter.write_line(line)
         terminalreporter.write_line(
             f"moe-fbs-audit: {len(checkpoints)} checkpoint(s)"
             + (f" + {len(seed_means)} seed mean(s)" if seed_means else "")
@@ -79,6 +81,26 @@ class ReportCollector:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(ReportCollector(config), "moe-fbs-audit-report")
+
+
+def underpowered_lines(records: list[dict[str, Any]]) -> list[str]:
+    """Passing checks that could miss twice their tolerance, one line per metric with the items that would do."""
+    by_metric: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        if record.get("verdict") == "pass" and record.get("underpowered"):
+            by_metric.setdefault(record["metric"], []).append(record)
+    if not by_metric:
+        return []
+    level = next(float(r["detection_power"]) for checks in by_metric.values() for r in checks)
+    lines = [f"underpowered passes (a worsening of twice the tolerance would be blocked less than {level:.0%} of "
+             f"the time; the report's power table has every metric): {sum(map(len, by_metric.values()))} check(s)"]
+    for metric, checks in by_metric.items():
+        needed = [int(r["items_needed"]) for r in checks if r.get("items_needed")]
+        lines.append(f"  {metric}: {len(checks)} check(s) over {min(int(r['n_items']) for r in checks)} items, "
+                     f"detectable worsening up to {max(float(r['detectable']) for r in checks):.3f} vs allowed "
+                     f"{min(float(r['allowed']) for r in checks):.3f}"
+                     + (f"; about {max(needed)} items would make them powered" if needed else ""))
+    return lines
 
 
 def unmeasured_causes(records: list[dict[str, Any]]) -> dict[str, tuple[int, str]]:
