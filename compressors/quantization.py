@@ -49,15 +49,19 @@ AWQ_EXPERT_MAPPING = (r"re:.*\.experts\.\d+\.up_proj$", [r"re:.*\.experts\.\d+\.
 
 @dataclass(frozen=True)
 class QuantPreset:
-    """A scheme as data: the compressed-tensors preset, its storage format and whether it is group-wise."""
+    """A scheme as data: the compressed-tensors preset, its storage format, whether it is group-wise, and the
+    weight width when it differs from the preset's (compressed-tensors has no 3-bit preset: W3A16 is W4A16's
+    symmetric group-128 int scheme at 3 bits, packed 10 per int32 like the others)."""
 
     preset: str
     format: str
     grouped: bool = True
+    num_bits: int | None = None
 
 
 INT_PRESETS = {"w4a16": QuantPreset("W4A16", "pack-quantized"), "w8a16": QuantPreset("W8A16", "pack-quantized"),
-               "w4a8": QuantPreset("W4A8", "pack-quantized")}
+               "w4a8": QuantPreset("W4A8", "pack-quantized"),
+               "w3a16": QuantPreset("W4A16", "pack-quantized", num_bits=3)}
 
 
 def choose_group_size(in_features: set[int], preferred: int = 128) -> int:
@@ -78,6 +82,8 @@ def expert_scheme(preset: QuantPreset, group_size: int | None) -> Any:
     scheme = preset_name_to_scheme(preset.preset, [EXPERT_TARGET])
     if scheme.weights is not None and scheme.weights.group_size is not None and group_size is not None:
         scheme.weights = scheme.weights.model_copy(update={"group_size": group_size})
+    if scheme.weights is not None and preset.num_bits is not None:
+        scheme.weights = scheme.weights.model_copy(update={"num_bits": preset.num_bits})
     scheme.format = preset.format
     return scheme
 
@@ -204,7 +210,7 @@ class GPTQCompressor(WeightQuantizer):
     """GPTQ (Frantar et al. 2022) on the routed experts, via `GPTQModifier` in the sequential pipeline."""
 
     name: ClassVar[str] = "gptq"
-    schemes: ClassVar[tuple[str, ...]] = ("w4a16", "w8a16", "w4a8")
+    schemes: ClassVar[tuple[str, ...]] = ("w4a16", "w8a16", "w4a8", "w3a16")
     default_schemes: ClassVar[tuple[str, ...]] = ("w4a16",)
     presets: ClassVar[dict[str, QuantPreset]] = INT_PRESETS
 
@@ -220,7 +226,7 @@ class AWQCompressor(WeightQuantizer):
     round-to-nearest quantization with the smoothed weights; CPU needs the pin_memory patch (§5b)."""
 
     name: ClassVar[str] = "awq"
-    schemes: ClassVar[tuple[str, ...]] = ("w4a16", "w8a16")
+    schemes: ClassVar[tuple[str, ...]] = ("w4a16", "w8a16", "w3a16")
     default_schemes: ClassVar[tuple[str, ...]] = ("w4a16",)
     presets: ClassVar[dict[str, QuantPreset]] = {k: INT_PRESETS[k] for k in schemes}
 

@@ -53,7 +53,7 @@ ALL_SCHEMES = [MethodSpec(m, s) for m in ("gptq", "awq", "fp8") for s in compres
 OTHER_ARCH_SPECS = [MethodSpec("gptq", "w4a8"), MethodSpec("awq", "w4a16"), MethodSpec("fp8", "w8a8")]
 CASES = [("qwen3-moe-tiny", spec) for spec in ALL_SCHEMES] + [
     (name, spec) for name in ZOO_NAMES[1:] for spec in OTHER_ARCH_SPECS]
-BITS = {"w4a16": 4, "w8a16": 8, "w4a8": 4, "w8a8": 8}
+BITS = {"w4a16": 4, "w8a16": 8, "w4a8": 4, "w8a8": 8, "w3a16": 3}
 GPTQ_W4 = MethodSpec("gptq", "w4a16")
 FP8 = MethodSpec("fp8", "w8a8")
 
@@ -78,12 +78,13 @@ def distinct_per_group(weight: torch.Tensor, group: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 def test_quantization_methods_are_registered_as_data() -> None:
     gptq, awq, fp8 = (compressors.get(n) for n in ("gptq", "awq", "fp8"))
-    assert (gptq.family, gptq.schemes, gptq.needs_calibration) == ("quantization", ("w4a16", "w8a16", "w4a8"), True)
-    assert (awq.family, awq.schemes, awq.needs_calibration) == ("quantization", ("w4a16", "w8a16"), True)
+    assert (gptq.family, gptq.schemes, gptq.needs_calibration) == ("quantization", ("w4a16", "w8a16", "w4a8", "w3a16"),
+                                                                 True)
+    assert (awq.family, awq.schemes, awq.needs_calibration) == ("quantization", ("w4a16", "w8a16", "w3a16"), True)
     assert (fp8.family, fp8.schemes, fp8.needs_calibration) == ("quantization", ("w8a8",), False)
     assert [s.label() for s in fp8.expand()] == ["fp8-w8a8"]
     assert [s.label() for s in gptq.expand(schemes=["W4A8", "s50", "w8a8"])] == ["gptq-w4a8"]
-    with pytest.raises(ConfigError, match=r"awq: unknown scheme 'w4a8'; valid: w4a16, w8a16"):
+    with pytest.raises(ConfigError, match=r"awq: unknown scheme 'w4a8'; valid: w4a16, w8a16, w3a16"):
         awq.validate(MethodSpec("awq", "w4a8"), MoEInfo("x", 8, 2, 2, 0, 128, 128))
     fp8.validate(FP8, MoEInfo("x", 8, 2, 2, 0, 2880, 100))  # FP8 is per channel: no group size to fit
 
