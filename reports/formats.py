@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from reports.dose_figure import dose_figure
+from reports.dose_response import dose_rows, widths_of
 from reports.escaping import Tex, arrow, csv_text, fmt, md_cell, tex_escape
 from reports.heatmaps import Heatmap, drift_heatmaps
 from reports.overview import overview
@@ -65,12 +67,18 @@ def _environment(kind: str, template_dir: Path | None) -> Any:
     return env
 
 
+def _figure(figure: Heatmap) -> dict[str, str]:
+    return {"file": figure.file, "title": figure.title,
+            "data_uri": "data:image/png;base64," + base64.b64encode(figure.png).decode("ascii")}
+
+
 def _render(kind: str, name: str, document: dict[str, Any], template_dir: Path | None,
-            heatmaps: Sequence[Heatmap] = ()) -> str:
+            heatmaps: Sequence[Heatmap] = (), dose: Heatmap | None = None) -> str:
     env = _environment(kind, template_dir)
     tables = report_tables(document)
     confidence = next((c.get("confidence") for c in document.get("checks", []) if c.get("confidence")), 0.95)
     rows = flip_rows(document)
+    dose_table = dose_rows(document)
     # checks where no item flipped are folded into one line: the table lists what changed
     unflipped = [f for f in rows if f["changed"] == 0 and f["verdict"] == "pass"]
     return str(env.get_template(name).render(
@@ -80,28 +88,27 @@ def _render(kind: str, name: str, document: dict[str, Any], template_dir: Path |
         underpowered=underpowered_passes(document), detection=detection_power(document),
         blocked=[c for c in document.get("checks", []) if c.get("verdict") == "fail"],
         unmeasured=[c for c in document.get("checks", []) if c.get("verdict") not in ("pass", "fail")],
-        heatmaps=[{"file": h.file, "title": h.title,
-                   "data_uri": "data:image/png;base64," + base64.b64encode(h.png).decode("ascii")}
-                  for h in heatmaps]))
+        heatmaps=[_figure(h) for h in heatmaps], dose=dose_table, dose_widths=widths_of(dose_table),
+        trends=[row for row in dose_table if row["trend"]], dose_figure=_figure(dose) if dose else None))
 
 
 def render_markdown(document: dict[str, Any], template_dir: Path | None = None,
-                    heatmaps: Sequence[Heatmap] = ()) -> str:
+                    heatmaps: Sequence[Heatmap] = (), dose: Heatmap | None = None) -> str:
     """GitHub-flavoured Markdown: the report people read in CI logs and pull requests (heatmaps as PNG links)."""
-    return _render("md", "report.md.j2", document, template_dir, heatmaps)
+    return _render("md", "report.md.j2", document, template_dir, heatmaps, dose)
 
 
 def render_html(document: dict[str, Any], template_dir: Path | None = None,
-                heatmaps: Sequence[Heatmap] = ()) -> str:
+                heatmaps: Sequence[Heatmap] = (), dose: Heatmap | None = None) -> str:
     """One self-contained HTML file (inline CSS, images as data URIs) so it survives being a CI artifact."""
-    return _render("html", "report.html.j2", document, template_dir, heatmaps)
+    return _render("html", "report.html.j2", document, template_dir, heatmaps, dose)
 
 
 def render_latex(document: dict[str, Any], template_dir: Path | None = None,
-                 heatmaps: Sequence[Heatmap] = ()) -> str:
+                 heatmaps: Sequence[Heatmap] = (), dose: Heatmap | None = None) -> str:
     """A standalone LaTeX document with booktabs tables, ready to paste into a paper (heatmaps included from
     the PNG files written beside it)."""
-    return _render("tex", "report.tex.j2", document, template_dir, heatmaps)
+    return _render("tex", "report.tex.j2", document, template_dir, heatmaps, dose)
 
 
 def render_csv(document: dict[str, Any]) -> str:
@@ -150,17 +157,19 @@ def write_reports(document: dict[str, Any], out_dir: Path, template_dir: Path | 
     results_path = out_dir / "results.json"
     write_json_atomic(results_path, document)
     heatmaps = drift_heatmaps(document)
-    for stale in out_dir.glob("heatmap_*.png"):  # a previous run's maps would be mistaken for this run's
-        stale.unlink()
-    for heatmap in heatmaps:
-        (out_dir / heatmap.file).write_bytes(heatmap.png)
+    dose = dose_figure(document)
+    for stale in [*out_dir.glob("heatmap_*.png"), *out_dir.glob("dose_response*.png")]:
+        stale.unlink()  # a previous run's figures would be mistaken for this run's
+    figures = [*heatmaps, *([dose] if dose else [])]
+    for figure in figures:
+        (out_dir / figure.file).write_bytes(figure.png)
     outputs = {
-        "report.md": render_markdown(document, template_dir, heatmaps),
-        "report.html": render_html(document, template_dir, heatmaps),
-        "report.tex": render_latex(document, template_dir, heatmaps),
+        "report.md": render_markdown(document, template_dir, heatmaps, dose),
+        "report.html": render_html(document, template_dir, heatmaps, dose),
+        "report.tex": render_latex(document, template_dir, heatmaps, dose),
         "checks.csv": render_csv(document),
     }
     for name, text in outputs.items():
         (out_dir / name).write_text(text, encoding="utf-8")
     return [out_dir / "report.md", results_path, out_dir / "report.html", out_dir / "report.tex",
-            out_dir / "checks.csv", *(out_dir / h.file for h in heatmaps)]
+            out_dir / "checks.csv", *(out_dir / f.file for f in figures)]

@@ -22,6 +22,7 @@ class ReportCollector:
         self.config = config
         self.records: dict[str, dict[str, Any]] = {}
         self.outputs: list[Path] = []
+        self.document: dict[str, Any] | None = None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         for name, value in report.user_properties:
@@ -46,6 +47,7 @@ class ReportCollector:
                                   finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         # outputs[0] is report.md and outputs[1] results.json: the summary line names them in that order
         self.outputs = write_reports(document, audit_config.report_dir, template_dir_from_env())
+        self.document = document
 
     def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
         if not self.outputs:
@@ -68,7 +70,7 @@ class ReportCollector:
                 "could not be measured (errors, not verdicts: fix the cause and run again):")
             for checkpoint, (count, cause) in unmeasured.items():
                 terminalreporter.write_line(f"  {checkpoint}: {count} check(s): {cause}")
-        for line in underpowered_lines(records):
+        for line in underpowered_lines(records) + trend_lines(self.document):
             terminalreporter.write_line(line)
         terminalreporter.write_line(
             f"moe-fbs-audit: {len(checkpoints)} checkpoint(s)"
@@ -81,6 +83,21 @@ class ReportCollector:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(ReportCollector(config), "moe-fbs-audit-report")
+
+
+def trend_lines(document: dict[str, Any] | None) -> list[str]:
+    """Monotone worsening trends over bit width with a significant slope, named even when every width passes."""
+    from reports.dose_response import dose_rows
+
+    trends = [row for row in dose_rows(document or {}) if row["trend"]]
+    if not trends:
+        return []
+    return [f"dose-response: {len(trends)} monotone worsening trend(s) over bit width with a significant slope "
+            "(each width may still pass; the report's dose-response section has the figure):"] + [
+        f"  {r['method']} safety {r['safety']} {r['metric']}: {r['slope'][0]:+.3f} per bit removed "
+        f"[{r['slope'][1]:+.3f}, {r['slope'][2]:+.3f}], "
+        + " -> ".join(f"{bits}-bit {value:.3f}" for bits, value in r["values"].items() if value is not None)
+        for r in trends]
 
 
 def underpowered_lines(records: list[dict[str, Any]]) -> list[str]:
