@@ -31,7 +31,8 @@ TEMPLATE_ENV = "MOE_FBS_REPORT_TEMPLATES"
 CSV_COLUMNS = (
     "checkpoint", "kind", "table", "family", "method", "scheme", "ratio", "safety_fraction", "seed", "seeds",
     "metric", "dense", "compressed", "delta", "delta_ci_low", "delta_ci_high", "worse_by", "worse_ci_low",
-    "worse_ci_high", "allowed", "tolerance", "n_items", "changed_count", "verdict", "error",
+    "worse_ci_high", "allowed", "tolerance", "n_items", "changed_count", "verdict", "error", "detectable", "power",
+    "underpowered", "items_needed",
 )
 MARKS = {"md": {"pass": "pass", "fail": "**FAIL**", "error": "**ERROR**"},
          "html": {"pass": "pass", "fail": "FAIL", "error": "ERROR"},
@@ -133,7 +134,8 @@ def render_csv(document: dict[str, Any]) -> str:
             "worse_by": check.get("worse_by"), "worse_ci_low": worse_ci[0], "worse_ci_high": worse_ci[1],
             "allowed": check.get("allowed"), "tolerance": check.get("tolerance"), "n_items": check.get("n_items"),
             "changed_count": check.get("changed_count"), "verdict": check.get("verdict"),
-            "error": check.get("error"),
+            "error": check.get("error"), "detectable": check.get("detectable"), "power": check.get("power"),
+            "underpowered": check.get("underpowered"), "items_needed": check.get("items_needed"),
         }
         writer.writerow({key: "" if value is None else csv_text(value) for key, value in row.items()})
     return out.getvalue()

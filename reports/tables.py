@@ -117,6 +117,7 @@ def _row(checkpoint: dict[str, Any], columns: list[dict[str, Any]], checks: dict
             "value": number(check.get("compressed")), "delta": number(check.get("delta")),
             "ci": tuple(ci) if isinstance(ci, list | tuple) and len(ci) == 2 else None,
             "verdict": check.get("verdict", "error"), "error": check.get("error"), "best": False,
+            "underpowered": bool(check.get("underpowered")) and check.get("verdict") == "pass",
         }
     return {
         "id": checkpoint["id"], "family": family, "method": name, "setting": _setting(method),

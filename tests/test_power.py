@@ -137,7 +137,12 @@ def test_the_reports_and_terminal_say_what_a_pass_is_worth() -> None:
     passes = [c for c in document["checks"] if c["verdict"] == "pass"]
     assert {row["metric"] for row in rows} == {c["metric"] for c in passes}
     assert all(row["detectable"] == 0.15 and row["items_needed"] == 283 for row in rows)  # blocked checks left out
-    assert "## What a pass is worth" in render_markdown(document)
+    markdown = render_markdown(document)
+    assert "## What a pass is worth" in markdown and ") pass°" in markdown and ") **FAIL**°" not in markdown
+    from reports.formats import render_csv
+
+    header = render_csv(document).splitlines()[0]
+    assert header.endswith(",detectable,power,underpowered,items_needed")
     assert 'id="power"' in render_html(document) and "What a pass is worth." in render_latex(document)
     lines = underpowered_lines(document["checks"])
     assert lines[0].startswith(f"underpowered passes (a worsening of twice the tolerance would be blocked less "
