@@ -176,8 +176,12 @@ def get_detector(detector: str | RefusalDetector | None, *, device: str = "cpu",
     if isinstance(detector, str):
         if detector in DETECTORS:
             return DETECTORS[detector]
-        from judges.guard import guard_judge
+        from judges.guard import STYLES, guard_judge, names_a_model
 
+        if not names_a_model(detector):
+            raise ConfigError(f"unknown refusal judge {detector!r}; valid: {', '.join(JUDGE_NAMES)}, or a guard "
+                              f"model's directory or hub id, optionally prefixed with its style "
+                              f"({', '.join(STYLES)}:)")
         return guard_judge(detector, device=device, trust_remote_code=trust_remote_code)
     if not isinstance(detector, RefusalDetector):
         raise ConfigError(f"refusal detector must be a name or have name/describe/classify, got {detector!r}")

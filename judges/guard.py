@@ -52,17 +52,26 @@ Answers: [/INST]
 WILDGUARD_REFUSAL = re.compile(r"^\s*response refusal:\s*(yes|no)\b", re.I | re.M)
 
 
+def _split_style(value: str) -> tuple[bool, str]:
+    """(whether a style prefix was given, the model reference)."""
+    prefix, sep, rest = value.partition(":")
+    explicit = bool(sep) and prefix in STYLES
+    return explicit, rest if explicit else value
+
+
+def names_a_model(value: str) -> bool:
+    """Whether a `--refusal-judge` value names a guard model (a directory or hub id, style prefix allowed)."""
+    return looks_like_model(_split_style(value)[1])
+
+
 def parse_style(value: str) -> tuple[Style, str]:
     """(style, model reference) of a `--refusal-judge` value naming a guard model; ConfigError when it names
     no model (not a directory with a config.json, not an `org/name` hub id) or its style cannot be told."""
-    prefix, sep, rest = value.partition(":")
-    explicit = bool(sep) and prefix in STYLES
-    reference = rest if explicit else value
+    explicit, reference = _split_style(value)
     if not looks_like_model(reference):
-        from benchmarks.refusal import JUDGE_NAMES
-
-        raise ConfigError(f"unknown refusal judge {value!r}; valid: {', '.join(JUDGE_NAMES)}, or a guard model's "
-                          f"directory or hub id, optionally prefixed with its style ({', '.join(STYLES)}:)")
+        raise ConfigError(f"{value!r} names no guard model: not a directory with a config.json, not an org/name "
+                          f"hub id (optionally prefixed with its style: {', '.join(STYLES)}:)")
+    prefix = value.partition(":")[0]
     if explicit:
         return prefix, reference  # type: ignore[return-value]
     lowered = reference.lower().replace("_", "-")

@@ -14,8 +14,9 @@ import pytest
 from benchmarks.records import BenchmarkResult, ItemRecord
 from compressors.base import MethodSpec
 from fixtures.errors import AuditError
-from fixtures.gate import AuditCase, GateError, Measurement, dataset_breakdown, measure
+from fixtures.gate import AuditCase, GateError, Measurement, dataset_breakdown
 from fixtures.item_metrics import evaluate, features_for
+from fixtures.measurement import measure
 from fixtures.settings import CheckpointSpec, SeedMeanSpec
 from fixtures.thresholds import Thresholds, load_thresholds
 
