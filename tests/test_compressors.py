@@ -110,7 +110,8 @@ def load(path: Path) -> Any:
 def test_registry_lists_and_finds_methods() -> None:
     assert {"gptq", "reap"} <= set(compressors.available())
     gptq, reap = compressors.get("gptq"), compressors.get("reap")
-    assert (gptq.family, gptq.schemes, gptq.needs_calibration) == ("quantization", ("w4a16", "w8a16", "w4a8"), True)
+    assert (gptq.family, gptq.schemes, gptq.needs_calibration) == ("quantization", ("w4a16", "w8a16", "w4a8", "w3a16"),
+                                                                 True)
     assert (reap.family, reap.schemes, reap.default_ratios) == ("expert", (), (0.25, 0.5))
     assert compressors.get("GPTQ") is gptq
 
@@ -122,10 +123,10 @@ def test_unknown_method_lists_valid_ones() -> None:
 
 def test_unknown_scheme_lists_valid_ones() -> None:
     gptq = compressors.get("gptq")
-    with pytest.raises(ConfigError, match=r"unknown scheme 'w3a16'; valid: w4a16, w8a16"):
-        gptq.validate(MethodSpec("gptq", "w3a16"), INFO_8_TOP2)
+    with pytest.raises(ConfigError, match=r"unknown scheme 'w2a16'; valid: w4a16, w8a16"):
+        gptq.validate(MethodSpec("gptq", "w2a16"), INFO_8_TOP2)
     with pytest.raises(ConfigError, match=r"valid: w4a16, w8a16"):
-        gptq.expand(schemes=["w3a16"])
+        gptq.expand(schemes=["w2a16"])
     with pytest.raises(ConfigError, match="takes a scheme, not a ratio"):
         gptq.validate(MethodSpec("gptq", "w4a16", 0.5), INFO_8_TOP2)
     with pytest.raises(ConfigError, match="takes a ratio, not a scheme"):

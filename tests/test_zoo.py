@@ -49,7 +49,11 @@ def test_zoo_model_builds_reloads_and_runs(name: str, session_cache_dir: Path) -
     with torch.no_grad():
         reloaded = model(**batch).logits
         fresh = build_zoo_model(ZOO[name])(**batch).logits
-    assert torch.equal(reloaded, fresh), "saved weights must reload to the freshly built model"
+    # The same weights in two model instances: equal up to float rounding (a linear-attention layer's kernels
+    # can take another path on another memory layout: 1.4e-6 seen on an AMD EPYC box); a weight that did not
+    # reload moves the logits by orders of magnitude more.
+    torch.testing.assert_close(reloaded, fresh, rtol=0, atol=1e-5,
+                               msg="saved weights must reload to the freshly built model")
     assert reloaded.std() > 0.1, "a degenerate (constant) model cannot show compression drift"
     for size_key in ("hidden_size", "moe_intermediate_size", "intermediate_size"):
         if size_key in model.config.to_dict() and model.config.to_dict()[size_key] is not None:
