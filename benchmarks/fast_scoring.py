@@ -223,14 +223,18 @@ class SharedContextLM(HFLM):
                     results[i] = text
                 continue
             contexts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_gen):] for i in members]
-            tokens = greedy_tokens(self.model, contexts, max_new_tokens=max_gen, stop_ids=self._stop_ids(),
-                                   pad_id=self._pad_id(), batch_size=self.gen_batch_size, device=str(self.device))
+            tokens = self._greedy_continuations(contexts, max_gen)
             self.stats.generated_tokens += sum(len(t) for t in tokens)
             for i, cont in zip(members, tokens, strict=True):
                 results[i] = self._finish_text(cont, until)
                 self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
         self.stats.generation_seconds += time.perf_counter() - started
         return [r if r is not None else "" for r in results]
+
+    def _greedy_continuations(self, contexts: list[list[int]], max_gen: int) -> list[list[int]]:
+        """Greedy new tokens per context (a final stop token included); `benchmarks.vllm_lm` asks its server."""
+        return greedy_tokens(self.model, contexts, max_new_tokens=max_gen, stop_ids=self._stop_ids(),
+                             pad_id=self._pad_id(), batch_size=self.gen_batch_size, device=str(self.device))
 
     def _finish_text(self, cont: list[int], until: list[str]) -> str:
         """HFLM.generate_until's tail: thinking-token split, decode, stop-sequence cut."""

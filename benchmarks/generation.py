@@ -102,10 +102,16 @@ def load_causal_lm(model_dir: Path, device: str, dtype: str = "float32") -> tupl
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # On CUDA the grouped_mm experts kernel: 8.8x transformers' default loop on a 30B MoE (docs/performance.md).
+    from fixtures.distribution import load_placement
+
+    # On CUDA the grouped_mm experts kernel: 8.8x transformers' default loop on a 30B MoE (docs/performance.md);
+    # weights straight onto the GPU(s) `load_placement` picks (split over several when one is too small).
     extra = {"experts_implementation": "grouped_mm"} if device.startswith("cuda") else {}
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), **extra)
-    model.to(device).eval()
+    placement = load_placement(model_dir, device)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), **extra, **placement)
+    if not placement:
+        model.to(device)
+    model.eval()
     if device.startswith("cuda"):
         from benchmarks.fast_kernels import install
 

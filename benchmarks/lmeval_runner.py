@@ -23,6 +23,7 @@ selected doc, so the list must be sorted ascending and duplicate-free (an empty 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -63,9 +64,10 @@ TASKS_SUBDIR = "lmeval_tasks"
 DEFAULT_MAX_LENGTH = 2048
 KINDS = ("likelihood", "generative")  # one simple_evaluate call each, in this order
 # `scorer` -> lm-eval model type: "hf" is lm-eval's own HF backend (the reference), "shared" ours, tested
-# equal to it (tests/test_fast_scoring.py) and many times faster on GPUs (docs/performance.md).
+# equal to it (tests/test_fast_scoring.py) and many times faster on GPUs (docs/performance.md); "vllm" the
+# same requests scored by a vLLM server (benchmarks/vllm_lm.py, tests/test_vllm.py).
 log = logging.getLogger(__name__)
-SCORERS = {"hf": "hf", "shared": "moe-fbs-shared"}
+SCORERS = {"hf": "hf", "shared": "moe-fbs-shared", "vllm": "moe-fbs-vllm"}
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ def run_benchmarks(
     data, seed and limit give the same items for any model. `max_gen_toks`: new-token budget of generative
     benchmarks (100 by default; smaller only for fast tests). `options[name]` holds benchmark options (BBQ
     `categories`, XSTest/AdvBench `detector`: a name in `benchmarks.refusal.DETECTORS` or a detector
-    object). `scorer`: "hf" (lm-eval's HF backend) or "shared" (see SCORERS). Raises ConfigError (unknown
+    object). `scorer`: "hf" (lm-eval's HF backend), "shared" or "vllm" (see SCORERS). Raises ConfigError (unknown
     benchmark, bad limit or option), DataError (missing/empty data, no items, inconsistent lm-eval output) or
     ModelError (no checkpoint). `lm`: an lm-eval model already built (an in-memory model, e.g. the GPU
     benchmark's random-weight model); `model_path` is then only recorded, never loaded.
@@ -138,7 +140,7 @@ def run_benchmarks(
         # Qwen3's template opens a <think> block unless told not to; other templates ignore the flag.
         "enable_thinking": False,
     }
-    fallback = None
+    fallback, loaded_here = None, lm is None
     if lm is None:
         from benchmarks.architecture import scorer_for
         from fixtures.zoo import read_config
@@ -153,11 +155,15 @@ def run_benchmarks(
                 "transformers_version": version("transformers"), "torch_version": version("torch"),
                 "datasets_version": version("datasets")}
     results: dict[str, BenchmarkResult] = {}
-    for kind in KINDS:
-        group = [p for p in prepared if p.spec.kind == kind]
-        if group:
-            extra = {"generation_kwargs": generation_kwargs(max_gen_toks)} if kind == "generative" else {}
-            results.update(_evaluate_group(group, lm, manager, seed=seed, settings={**settings, **extra}))
+    try:
+        for kind in KINDS:
+            group = [p for p in prepared if p.spec.kind == kind]
+            if group:
+                extra = {"generation_kwargs": generation_kwargs(max_gen_toks)} if kind == "generative" else {}
+                results.update(_evaluate_group(group, lm, manager, seed=seed, settings={**settings, **extra}))
+    finally:
+        if loaded_here and hasattr(lm, "close"):
+            lm.close()  # the vllm scorer's server: stopped whatever happened
     return {name: results[name] for name in requested}
 
 
@@ -228,11 +234,14 @@ def _load_model(model_args: Mapping[str, Any], *, device: str, batch_size: int, 
     subclass (same tokenization and metrics, shared contexts and batched greedy generation)."""
     from lm_eval.api.registry import get_model
 
-    if scorer == "shared":
-        import benchmarks.fast_scoring  # noqa: F401  (registers the model type)
+    from fixtures.distribution import split_model_args
+
+    registers = {"shared": "benchmarks.fast_scoring", "vllm": "benchmarks.vllm_lm"}  # modules that register them
+    if scorer in registers:
+        importlib.import_module(registers[scorer])
     try:
-        return get_model(SCORERS[scorer]).create_from_arg_obj(dict(model_args),
-                                                              {"batch_size": batch_size, "device": device})
+        args = dict(model_args) if scorer == "vllm" else split_model_args(model_args, device)
+        return get_model(SCORERS[scorer]).create_from_arg_obj(args, {"batch_size": batch_size, "device": device})
     except Exception as exc:
         raise ModelError(f"lm-eval could not load the model {model_args['pretrained']}: {exc}") from exc
 

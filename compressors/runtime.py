@@ -93,14 +93,18 @@ def load_model(model_dir: Path, device: str = "cpu") -> tuple[PreTrainedModel, P
 
     On an accelerator the weights are read straight onto it (`device_map`), never into a full host copy
     (a 30B MoE would otherwise need ~60 GB of host memory first); llmcompressor's pipelines then find every
-    module already on its execution device and move nothing. The CPU path loads as it always did."""
+    module already on its execution device and move nothing. Where it goes is `load_placement`'s rule (a
+    model larger than the GPU is refused with the sizes, or split over the GPUs one process sees). The CPU
+    path loads as it always did."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fixtures.distribution import load_placement
 
     if device == "cpu":
         model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
         model.to(device)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map=device)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", **load_placement(model_dir, device))
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model, tokenizer

@@ -15,6 +15,7 @@ from fixtures.zoo import ZOO, build_zoo_model, materialize_zoo_model
 
 EXPECTED_CLASSES = {
     "qwen3-moe-tiny": "Qwen3MoeForCausalLM",
+    "qwen3-moe-tiny-hd64": "Qwen3MoeForCausalLM",
     "ernie45-moe-tiny": "Ernie4_5_MoeForCausalLM",
     "olmoe-tiny": "OlmoeForCausalLM",
     "mixtral-tiny": "MixtralForCausalLM",
