@@ -160,7 +160,7 @@ class SharedContextLM(HFLM):
         self.stats.groups += len(groups)
         out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
-        decoder, head = _decoder_and_head(self.model)
+        decoder, head = decoder_and_head(self.model)
         dtype = next(self.model.parameters()).dtype
         with torch.inference_mode():
             for batch in batch_rows(pack_rows(groups, self.pack_tokens), self.batch_tokens):
@@ -260,7 +260,7 @@ class SharedContextLM(HFLM):
         return int(pad if pad is not None else min(self._stop_ids()))
 
 
-def _decoder_and_head(model: Any) -> tuple[Any, torch.nn.Module]:
+def decoder_and_head(model: Any) -> tuple[Any, torch.nn.Module]:
     """The decoder stack and LM head of a `...ForCausalLM` whose logits are `lm_head(hidden)` (every MoE
     family the audit knows); anything else is refused rather than scored with the wrong head."""
     decoder, head = getattr(model, "model", None), getattr(model, "lm_head", None)

@@ -200,10 +200,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 def benchmark_requests(benchmark: str, data_dir: Path, work: Path) -> list[Any]:
     """Every lm-eval request instance of one benchmark on the full local data (what a scorer is handed)."""
     from benchmarks import get_spec
-    from benchmarks.lmeval_runner import _prepare
+    from benchmarks.lmeval_runner import prepare_requests
     from fixtures.data import DataSource
 
-    _, prepared = _prepare([get_spec(benchmark)], {benchmark: {}}, DataSource(data_dir), work,
+    _, prepared = prepare_requests([get_spec(benchmark)], {benchmark: {}}, DataSource(data_dir), work,
                            limit=None, seed=0, max_gen_toks=16)
     prepared[0].task.build_all_requests(samples=None)
     return list(prepared[0].task.instances)

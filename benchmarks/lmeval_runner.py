@@ -129,7 +129,7 @@ def run_benchmarks(
     checked = {spec.name: spec.check_options(dict((options or {}).get(spec.name, {}))) for spec in specs}
     model_dir = _check_model_dir(model_path) if lm is None else Path(model_path)
 
-    manager, prepared = _prepare(
+    manager, prepared = prepare_requests(
         specs, checked, source, Path(work_dir), limit=limit, seed=seed, max_gen_toks=max_gen_toks
     )
     model_args: dict[str, Any] = {
@@ -148,7 +148,7 @@ def run_benchmarks(
         scorer, fallback = scorer_for(read_config(model_dir), scorer)
         if fallback:
             log.warning("scoring with lm-eval's HF backend, not the shared scorer: %s", fallback)
-        lm = _load_model(model_args, device=device, batch_size=batch_size, scorer=scorer)
+        lm = load_lm(model_args, device=device, batch_size=batch_size, scorer=scorer)
     settings = {"limit": limit, "seed": seed, "model": SCORERS[scorer], "scorer_fallback": fallback,
                 "model_args": model_args,
                 "batch_size": batch_size, "device": device, "lm_eval_version": version("lm_eval"),
@@ -167,7 +167,7 @@ def run_benchmarks(
     return {name: results[name] for name in requested}
 
 
-def _prepare(
+def prepare_requests(
     specs: Sequence[BenchmarkSpec],
     options: Mapping[str, Mapping[str, Any]],
     source: DataSource,
@@ -228,7 +228,7 @@ def _prepare(
     return manager, prepared
 
 
-def _load_model(model_args: Mapping[str, Any], *, device: str, batch_size: int, scorer: str = "hf") -> Any:
+def load_lm(model_args: Mapping[str, Any], *, device: str, batch_size: int, scorer: str = "hf") -> Any:
     """lm-eval's model built as `simple_evaluate(model=..., model_args=...)` builds it, once for both
     calls (a large checkpoint is not loaded twice). `scorer` "shared" is `benchmarks.fast_scoring`'s HFLM
     subclass (same tokenization and metrics, shared contexts and batched greedy generation)."""

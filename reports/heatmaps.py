@@ -54,7 +54,7 @@ def drift_values(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, di
     return values
 
 
-def _grids(document: dict[str, Any]) -> list[Grid]:
+def heatmap_grids(document: dict[str, Any]) -> list[Grid]:
     """Every heatmap to draw, with NaN gaps for missing cells."""
     values = drift_values(document)
     order = [row["id"] for table in report_tables(document) if not table["appendix"]
@@ -89,7 +89,7 @@ def _grids(document: dict[str, Any]) -> list[Grid]:
 
 def drift_heatmaps(document: dict[str, Any]) -> list[Heatmap]:
     """Render the heatmaps as PNG bytes; an empty list when there is nothing to draw or no matplotlib."""
-    grids = _grids(document)
+    grids = heatmap_grids(document)
     if not grids:
         return []
     try:

@@ -18,7 +18,7 @@ from routing_reference import SOFTMAX_ZOO
 from benchmarks import get_spec
 from benchmarks.fast_generation import greedy_tokens
 from benchmarks.fast_scoring import SharedContextLM
-from benchmarks.lmeval_runner import _prepare, run_benchmarks
+from benchmarks.lmeval_runner import prepare_requests, run_benchmarks
 from fixtures.data import DataSource
 from fixtures.zoo import materialize_zoo_model
 
@@ -48,7 +48,7 @@ def source(shared_data_dir: Path) -> DataSource:
 @pytest.fixture(scope="module")
 def requests(source: DataSource, tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, str]]:
     """lm-eval's own (context, continuation) requests for 14 items of each likelihood benchmark."""
-    _, prepared = _prepare([get_spec(n) for n in NAMES], OPTIONS, source, tmp_path_factory.mktemp("fs-work"),
+    _, prepared = prepare_requests([get_spec(n) for n in NAMES], OPTIONS, source, tmp_path_factory.mktemp("fs-work"),
                            limit=14, seed=5, max_gen_toks=16)
     args: list[tuple[str, str]] = []
     for p in prepared:
@@ -143,12 +143,12 @@ def test_a_model_whose_logits_are_not_the_plain_head_is_refused() -> None:
     way out named."""
     from types import SimpleNamespace
 
-    from benchmarks.fast_scoring import _decoder_and_head
+    from benchmarks.fast_scoring import decoder_and_head
     from fixtures.errors import ModelError
 
     capped = SimpleNamespace(model=object(), lm_head=object(), config=SimpleNamespace(final_logit_softcapping=30.0))
     with pytest.raises(ModelError, match="--scorer hf"):
-        _decoder_and_head(capped)
+        decoder_and_head(capped)
     headless = SimpleNamespace(model=object(), config=SimpleNamespace())
     with pytest.raises(ModelError, match="lm_head"):
-        _decoder_and_head(headless)
+        decoder_and_head(headless)

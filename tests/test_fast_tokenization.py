@@ -20,7 +20,7 @@ import pytest
 from benchmarks import get_spec
 from benchmarks.fast_scoring import SharedContextLM
 from benchmarks.fast_tokenization import batchable, encode_requests
-from benchmarks.lmeval_runner import _prepare
+from benchmarks.lmeval_runner import prepare_requests
 from fixtures.data import DataSource
 from fixtures.tokenizer import EOS, IM_START
 from fixtures.zoo import materialize_zoo_model
@@ -47,7 +47,7 @@ class _Request:
 @pytest.fixture(scope="module")
 def real_pairs(shared_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, str]]:
     """lm-eval's own (context, continuation) requests for 30 items of each likelihood benchmark."""
-    _, prepared = _prepare([get_spec(n) for n in NAMES], OPTIONS, DataSource(shared_data_dir),
+    _, prepared = prepare_requests([get_spec(n) for n in NAMES], OPTIONS, DataSource(shared_data_dir),
                            tmp_path_factory.mktemp("ft-work"), limit=30, seed=3, max_gen_toks=16)
     pairs: list[tuple[str, str]] = []
     for p in prepared:

@@ -168,7 +168,7 @@ def test_merge_refuses_mismatched_settings(tmp_path: Path) -> None:
 def test_seed_means_under_xdist_build_each_seed_once(project: pytest.Pytester, tmp_path: Path) -> None:
     """Two seeds and their mean, crows_pairs and a tiny drift protocol, on two workers: the seed group runs on
     one worker, each seed is built and evaluated once, and the mean's values are the seeds' means."""
-    from tests.test_reports import _schema_errors
+    from tests.test_reports import schema_errors
 
     cache = tmp_path / "fresh-cache"
     result = project.runpytest_subprocess(
@@ -186,7 +186,7 @@ def test_seed_means_under_xdist_build_each_seed_once(project: pytest.Pytester, t
     assert len(workers) == 1, workers  # one seed group: one worker
     result.stdout.fnmatch_lines(["*moe-fbs-audit: 2 checkpoint(s) + 1 seed mean(s), 18 checks:*"])
     document = json.loads((tmp_path / "report" / "results.json").read_text())
-    assert _schema_errors(document) == []
+    assert schema_errors(document) == []
     checks = {(c["checkpoint"]["id"], c["metric"]): c for c in document["checks"]}
     for metric in {m for _, m in checks}:
         seeds = [checks[(f"reap-r50-safety0-seed{s}", metric)] for s in (0, 1)]

@@ -87,12 +87,12 @@ def test_drift_loader_splits_the_model(stopped_loads: int, model_dir: Path) -> N
 
 @pytest.mark.parametrize("scorer", ["shared", "hf"])
 def test_lmeval_loader_preloads_a_split_model(stopped_loads: int, model_dir: Path, scorer: str) -> None:
-    from benchmarks.lmeval_runner import _load_model
+    from benchmarks.lmeval_runner import load_lm
     from fixtures.errors import ModelError
 
     args = {"pretrained": str(model_dir), "dtype": "bfloat16", "softmax_dtype": "float32", "max_length": 2048}
     with pytest.raises(ModelError, match="load stopped by the test") as failed:
-        _load_model(args, device="cuda", batch_size=8, scorer=scorer)
+        load_lm(args, device="cuda", batch_size=8, scorer=scorer)
     assert isinstance(failed.value.__cause__, _Stopped)
     _assert_split(failed.value.__cause__.kwargs, stopped_loads)
 

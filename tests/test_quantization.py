@@ -44,7 +44,7 @@ from compressors.runtime import (
     save_checkpoint,
 )
 from compressors.verify import model_logits, probe_inputs, reference, verify_checkpoint, widen_to_reference
-from fixtures.calibration_set import _ids_digest
+from fixtures.calibration_set import ids_digest
 from fixtures.errors import CompressionError, ConfigError
 from fixtures.zoo import read_config
 
@@ -194,7 +194,7 @@ def test_builds_verifies_and_reloads(case: tuple[str, MethodSpec], builder: Buil
     else:
         calibration = manifest["calibration"]
         assert (calibration["rows"], calibration["seq_len"]) == (16, 64)
-        assert calibration["ids_sha256"] == _ids_digest(builder.mix(name).input_ids)  # the rows it saw
+        assert calibration["ids_sha256"] == ids_digest(builder.mix(name).input_ids)  # the rows it saw
         assert summary["group_size"] == {"128": 48}
     if name == "mixtral-tiny":  # repacked: stored dense on the grid (llmcompressor.md §5f)
         assert manifest["storage"] == "dense-fake-quant" and summary["mean_effective_bits"] == 32

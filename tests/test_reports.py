@@ -22,7 +22,7 @@ import pytest
 
 from reports.escaping import tex_escape
 from reports.formats import render_csv, render_html, render_latex, render_markdown, write_reports
-from reports.heatmaps import _grids
+from reports.heatmaps import heatmap_grids
 from reports.merge import main as merge_main
 from reports.render import SCHEMA_FILE, build_document
 from reports.tables import metric_direction, report_tables, table_model
@@ -186,7 +186,7 @@ def test_merge_writes_every_format(document: dict[str, Any], tmp_path: Path,
 
 def test_drift_heatmaps_are_checkpoint_by_dataset_per_temperature_and_their_change(
         document: dict[str, Any]) -> None:
-    grids = {file: (rows, columns, values) for file, _, rows, columns, values in _grids(document)}
+    grids = {file: (rows, columns, values) for file, _, rows, columns, values in heatmap_grids(document)}
     assert set(grids) == {"heatmap_delta_cross_nll_t0.png", "heatmap_delta_cross_nll_t0.7.png",
                           "heatmap_delta_cross_nll_t0.7_minus_t0.png"}
     rows, columns, cold = grids["heatmap_delta_cross_nll_t0.png"]
@@ -205,7 +205,7 @@ def test_drift_heatmaps_are_checkpoint_by_dataset_per_temperature_and_their_chan
 def test_without_per_dataset_values_the_maps_are_by_temperature(document: dict[str, Any]) -> None:
     for check in document["checks"]:
         check["by_dataset"] = None
-    grids = _grids(document)
+    grids = heatmap_grids(document)
     assert [(file, columns) for file, _, _, columns, _ in grids] == [
         ("heatmap_delta_cross_nll.png", ["T=0", "T=0.7"])]
 
@@ -215,7 +215,7 @@ def test_heatmaps_are_written_embedded_and_linked(document: dict[str, Any], tmp_
     (tmp_path / "heatmap_stale_from_an_old_run.png").write_bytes(b"old")
     outputs = write_reports(document, tmp_path)
     pngs = sorted(path.name for path in tmp_path.glob("heatmap_*.png"))
-    assert pngs == sorted(file for file, *_ in _grids(document))
+    assert pngs == sorted(file for file, *_ in heatmap_grids(document))
     assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG") for name in pngs)
     assert {tmp_path / name for name in pngs} <= set(outputs)
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
@@ -225,7 +225,7 @@ def test_heatmaps_are_written_embedded_and_linked(document: dict[str, Any], tmp_
     assert all(f"{{{name}}}" in (tmp_path / "report.tex").read_text(encoding="utf-8") for name in pngs)
 
 
-def _schema_errors(document: dict[str, Any]) -> list[str]:
+def schema_errors(document: dict[str, Any]) -> list[str]:
     import jsonschema
 
     schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
@@ -233,13 +233,13 @@ def _schema_errors(document: dict[str, Any]) -> list[str]:
 
 
 def test_results_schema_documents_every_field(document: dict[str, Any]) -> None:
-    assert _schema_errors(document) == []
+    assert schema_errors(document) == []
     rebuilt = build_document(document["checks"], document["settings"], "2026-01-01T00:00:00+0000")
-    assert _schema_errors(rebuilt) == []
+    assert schema_errors(rebuilt) == []
     undocumented = copy.deepcopy(document)
     undocumented["checks"][0]["new_field"] = 1
     undocumented["checkpoints"][0]["checkpoint_note"] = "x"
-    errors = _schema_errors(undocumented)
+    errors = schema_errors(undocumented)
     assert len(errors) == 2 and "new_field" in errors[0] + errors[1], errors
 
 
