@@ -68,6 +68,7 @@ KINDS = ("likelihood", "generative")  # one simple_evaluate call each, in this o
 # same requests scored by a vLLM server (benchmarks/vllm_lm.py, tests/test_vllm.py).
 log = logging.getLogger(__name__)
 SCORERS = {"hf": "hf", "shared": "moe-fbs-shared", "vllm": "moe-fbs-vllm"}
+DEFAULT_SCORER = "shared"  # the suite's scorer unless --scorer says otherwise (proven equal to "hf" per family)
 
 
 @dataclass(frozen=True)
