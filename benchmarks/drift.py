@@ -33,13 +33,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from benchmarks.drift_prompts import DriftPromptSet
+from benchmarks.fast_generation import left_pad
 from benchmarks.fast_kernels import engine_key
 from benchmarks.generation import (
     Generation,
     GenerationSettings,
     encode_chat,
     generate,
-    left_pad,
     load_causal_lm,
     load_generations,
     save_generations,

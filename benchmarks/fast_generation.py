@@ -11,7 +11,7 @@ Early exit (all rows stopped) is checked every `SYNC_EVERY` steps: the extra ste
 token, because a finished row's later tokens are discarded and its random stream is never read again.
 
 Same semantics as the reference, so the same bits on CPU for the same batches: left padding with explicit
-positions (`generation.left_pad`), fp32 log-softmax before temperature, the row generator drawing one
+positions (`left_pad`), fp32 log-softmax before temperature, the row generator drawing one
 Exp(1) vector per step while the row is sampled, lowest token id on argmax ties.
 """
 
@@ -49,8 +49,6 @@ def decode_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens
     import torch
 
     from benchmarks.decode_steps import make_steps, resolve_mode
-    from benchmarks.generation import left_pad
-
     rows = len(prompts)
     temps = [0.0] * rows if temperatures is None else [float(t) for t in temperatures]
     sampled = [r for r, t in enumerate(temps) if t > 0.0]
@@ -133,3 +131,18 @@ def greedy_tokens(model: Any, contexts: Sequence[Sequence[int]], *, max_new_toke
                                 stop_ids=stop_ids, pad_id=pad_id, device=device, mode=mode)
             results.update((i, row.tokens.tolist()) for i, row in zip(batch, rows, strict=True))
     return [results[i] for i in range(len(contexts))]
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: str) -> tuple[torch.Tensor, ...]:
+    """Left-padded ids, attention mask and position ids (0 at each row's first real token)."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)

@@ -144,21 +144,6 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     return frozenset(ids)
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: str) -> tuple[torch.Tensor, ...]:
-    """Left-padded ids, attention mask and position ids (0 at each row's first real token)."""
-    import torch
-
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
-            mask[i, width - len(row):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
-
-
 def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     import torch
 
@@ -222,6 +207,8 @@ def _generate_batch_fast(model: PreTrainedModel, prompts: list[tuple[int, ...]],
 def _generate_batch(model: PreTrainedModel, prompts: list[tuple[int, ...]], keys: list[tuple[str, float]],
                     settings: GenerationSettings, stops: frozenset[int], pad: int, device: str) -> list[Generation]:
     import torch
+
+    from benchmarks.fast_generation import left_pad
 
     ids, mask, positions = left_pad(prompts, pad, device)
     generators = [torch.Generator(device=device).manual_seed(row_seed(settings.seed, key, temperature))

@@ -21,8 +21,8 @@ from routing_reference import SOFTMAX_ZOO
 from benchmarks import fast_kernels
 from benchmarks.architecture import sliding_window
 from benchmarks.decode_steps import StaticSteps, make_steps, resolve_mode
-from benchmarks.fast_generation import decode_batch
-from benchmarks.generation import encode_chat, left_pad, load_causal_lm
+from benchmarks.fast_generation import decode_batch, left_pad
+from benchmarks.generation import encode_chat, load_causal_lm
 from fixtures.zoo import materialize_zoo_model
 
 ZOO = SOFTMAX_ZOO

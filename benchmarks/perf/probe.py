@@ -56,8 +56,7 @@ def decode_section(model: Any, device: str, batches: list[int], new_tokens: int,
     import torch
 
     from benchmarks.decode_steps import USED, make_steps
-    from benchmarks.fast_generation import decode_batch
-    from benchmarks.generation import left_pad
+    from benchmarks.fast_generation import decode_batch, left_pad
 
     rng = random.Random(0)
     rows: list[dict[str, Any]] = []
@@ -215,10 +214,11 @@ def tokenize_section(data_dir: Path, out: Path) -> list[dict[str, Any]]:
     """BBQ's 211,536 requests through `encode_requests`, with its Rust thread pool and without (same ids)."""
     from benchmarks import fast_tokenization
     from benchmarks.fast_scoring import SharedContextLM
+    from benchmarks.perf.tokenization import benchmark_requests
     from fixtures.zoo import materialize_zoo_model
 
     started = time.perf_counter()
-    requests = [tuple(r.args) for r in fast_tokenization.benchmark_requests("bbq", data_dir, out / "work")]
+    requests = [tuple(r.args) for r in benchmark_requests("bbq", data_dir, out / "work")]
     built = time.perf_counter() - started
     lm = SharedContextLM(pretrained=str(materialize_zoo_model("qwen3-moe-tiny", out / "cache")), dtype="float32",
                          device="cpu", batch_size=1)
