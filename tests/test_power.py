@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from fixtures.gate import GateError, blocks, bootstrap_intervals, require_power
 from fixtures.power import DETECTION_POWER, block_probability, power_of
-from fixtures.stats import resample_weights
+from fixtures.stats import Interval, resample_weights
 from fixtures.thresholds import Tolerance
 from reports.formats import render_html, render_latex, render_markdown
 from reports.plugin import underpowered_lines
@@ -96,8 +96,14 @@ def test_min_power_turns_an_underpowered_check_into_an_error() -> None:
 
     case = AuditCase(CheckpointSpec(MethodSpec("reap", ratio=0.5), 0.0, 0), "advbench.refusal_rate")
     tolerance = _refusal_tolerance()
-    few = Measurement(case, tolerance, 1.0, 1.0, 100, worse_sd=0.0)
+    none = Interval(0.0, 0.0, 0.95, 2000)
+    few = Measurement(case, tolerance, 1.0, 1.0, 100, none, none, worse_sd=0.0)
     assert require_power(few) is few  # no min_power: an underpowered pass stays a pass
+    assert "  UNDERPOWERED: detectable worsening 0.14" in few.message()
+    shifted = Interval(0.4, 0.6, 0.95, 2000)
+    blocked = Measurement(case, tolerance, 1.0, 0.5, 100, shifted, shifted, worse_sd=0.05)  # detected: no flag
+    assert blocked.verdict == "fail" and "UNDERPOWERED" not in blocked.message()
+    assert "detectable worsening" in blocked.message()
     strict = Tolerance(**{**tolerance.__dict__, "min_power": 0.8})
     with pytest.raises(GateError, match=r"underpowered: power 35% at 2x the allowed 0.0500, below min_power 0.8 "
                                         r"\(detectable worsening 0.14\d\d over 100 items; about 2\d\d items"):
