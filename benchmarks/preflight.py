@@ -15,19 +15,24 @@ from fixtures.errors import ConfigError
 
 
 def _sample(name: str, source: DataSource, limit: int, seed: int) -> list[Mapping[str, Any]]:
-    """The rows `--limit` selects for a benchmark: the same stratified draw its evaluation makes."""
+    """The rows `--limit` selects for a benchmark: the same stratified draw its evaluation makes; ConfigError
+    (from the benchmark's own selection) when the limit cannot cover its strata."""
     from benchmarks import get_spec
 
     spec = get_spec(name)
     data = spec.load_data(source, spec.check_options({}))
     columns = [[row[column] for row in data.rows] for column in spec.stratum_columns]
-    indices, _ = spec.select(columns, len(data.rows), limit, seed)
+    try:
+        indices, _ = spec.select(columns, len(data.rows), limit, seed)
+    except ConfigError as exc:
+        raise ConfigError(f"--limit {limit} is too small for {name}: {exc}") from None
     return [data.rows[i] for i in indices]
 
 
-def check_limit_covers_min_items(min_items: Mapping[str, int], source: DataSource, limit: int | None,
-                                 seed: int) -> None:
-    """Raise ConfigError when the `--limit` sample leaves a gated metric fewer items than its `min_items`.
+def check_limit(names: Sequence[str], min_items: Mapping[str, int], source: DataSource, limit: int | None,
+                seed: int) -> None:
+    """Raise ConfigError when `--limit` cannot cover a benchmark's strata, or leaves a gated metric fewer items
+    than its `min_items`: each benchmark's sample is drawn once, on the data alone.
 
     `min_items` maps each gated metric to the largest min_items any checkpoint of the grid gives it. Only
     metrics whose population is known from the data are counted here (a bias score's context, XSTest's
@@ -39,17 +44,14 @@ def check_limit_covers_min_items(min_items: Mapping[str, int], source: DataSourc
     from fixtures.item_metrics import has_item_metric, item_metric
 
     short = []
-    for name in dict.fromkeys(metric.split(".", 1)[0] for metric in min_items):
-        metrics = [m for m in min_items if m.startswith(name + ".") and ".flip_" not in m and has_item_metric(m)]
-        if name == "drift" or not metrics:
-            continue
+    for name in (n for n in names if n != "drift"):
         rows = _sample(name, source, limit, seed)
+        metrics = [m for m in min_items if m.startswith(name + ".") and ".flip_" not in m and has_item_metric(m)]
         for metric in metrics:
             belongs = item_metric(metric).row_in_population
             count = len(rows) if belongs is None else sum(1 for row in rows if belongs(row))
             if count < min_items[metric]:
-                share = count / len(rows) if rows else 0.0
-                needed = f"; about --limit {-(-min_items[metric] * len(rows) // count)} would" if share else ""
+                needed = f"; about --limit {-(-min_items[metric] * len(rows) // count)} would" if count else ""
                 short.append(f"{metric} gets {count} of the {len(rows)} sampled items, fewer than its min_items "
                              f"{min_items[metric]}{needed}")
     if short:
@@ -57,19 +59,8 @@ def check_limit_covers_min_items(min_items: Mapping[str, int], source: DataSourc
                           + " (or lower min_items in the thresholds file)")
 
 
-def check_limit_covers_strata(names: Sequence[str], source: DataSource, limit: int | None, seed: int) -> None:
-    """Raise ConfigError (from the benchmark's own selection) when `limit` cannot cover a benchmark's strata."""
-    if limit is None:
-        return
-    from benchmarks import get_spec
-
-    for name in names:
-        spec = get_spec(name)
-        if not spec.stratum_columns:
-            continue
-        data = spec.load_data(source, spec.check_options({}))
-        columns = [[row[column] for row in data.rows] for column in spec.stratum_columns]
-        try:
-            spec.select(columns, len(data.rows), limit, seed)
-        except ConfigError as exc:
-            raise ConfigError(f"--limit {limit} is too small for {name}: {exc}") from None
+def check_limit_covers_min_items(min_items: Mapping[str, int], source: DataSource, limit: int | None,
+                                 seed: int) -> None:
+    """`check_limit` for the benchmarks of these metrics."""
+    check_limit(list(dict.fromkeys(metric.split(".", 1)[0] for metric in min_items)), min_items, source, limit,
+                seed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from reports.dose_response import DENSE_BITS, dose_rows, widths_of
@@ -17,9 +18,22 @@ FILE = "dose_response.png"
 COLUMNS = 4
 
 
-def dose_figure(document: dict[str, Any]) -> Heatmap | None:
-    """The PNG (as the heatmaps carry theirs), None without a quantization series of two widths or more."""
+@dataclass(frozen=True)
+class DoseResponse:
+    """The fitted rows and their figure, computed once per report: every format and the terminal read them."""
+
+    rows: list[dict[str, Any]]
+    figure: Heatmap | None
+
+
+def dose_response(document: dict[str, Any]) -> DoseResponse:
     rows = dose_rows(document)
+    return DoseResponse(rows, dose_figure(rows))
+
+
+def dose_figure(rows: list[dict[str, Any]]) -> Heatmap | None:
+    """The PNG (as the heatmaps carry theirs) of `dose_rows`, None without a quantization series of two widths
+    or more."""
     if not rows:
         return None
     import matplotlib

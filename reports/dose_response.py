@@ -25,7 +25,7 @@ from itertools import pairwise
 from typing import Any
 
 from reports.labels import in_group_order, metric_label
-from reports.tables import family_of, number
+from reports.tables import averaged_seeds, family_of, number, safety_text
 
 DENSE_BITS = 16
 _SCHEME_BITS = re.compile(r"^w(\d+)a\d+$")
@@ -42,17 +42,15 @@ def weight_bits(method: dict[str, Any]) -> int | None:
 
 def _series(document: dict[str, Any]) -> dict[tuple[str, str, str], dict[int, str]]:
     """{(method, safety text, seed label): {bits: checkpoint id}}: seed means replace their seeds."""
-    averaged = {(c["method"].get("method"), c["method"].get("scheme"), c.get("safety_fraction"))
-                for c in document.get("checkpoints", []) if c.get("kind") == "seed_mean"}
+    checkpoints = document.get("checkpoints", [])
+    skipped = averaged_seeds(checkpoints)
     series: dict[tuple[str, str, str], dict[int, str]] = {}
-    for checkpoint in document.get("checkpoints", []):
+    for checkpoint in checkpoints:
         method = checkpoint.get("method") or {}
         bits = weight_bits(method)
-        key = (method.get("method"), method.get("scheme"), checkpoint.get("safety_fraction"))
-        if bits is None or (checkpoint.get("kind") != "seed_mean" and key in averaged):
+        if bits is None or checkpoint["id"] in skipped:
             continue
-        fraction = number(checkpoint.get("safety_fraction"))
-        safety = "–" if fraction is None else f"{round(fraction * 100, 3):g}%"
+        safety = safety_text(checkpoint.get("safety_fraction"))
         seed = "mean" if checkpoint.get("kind") == "seed_mean" else str(checkpoint.get("seed", "–"))
         series.setdefault((str(method.get("method")), safety, seed), {})[bits] = checkpoint["id"]
     return {key: widths for key, widths in series.items() if len(widths) >= 2}

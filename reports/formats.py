@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from reports.dose_figure import dose_figure
+from reports.dose_figure import DoseResponse, dose_response
 from reports.dose_response import dose_rows, widths_of
 from reports.escaping import Tex, arrow, csv_text, fmt, md_cell, tex_escape
 from reports.heatmaps import Heatmap, drift_heatmaps
@@ -74,12 +74,13 @@ def _figure(figure: Heatmap) -> dict[str, str]:
 
 
 def _render(kind: str, name: str, document: dict[str, Any], template_dir: Path | None,
-            heatmaps: Sequence[Heatmap] = (), dose: Heatmap | None = None) -> str:
+            heatmaps: Sequence[Heatmap] = (), dose: DoseResponse | None = None) -> str:
     env = _environment(kind, template_dir)
     tables = report_tables(document)
     confidence = next((c.get("confidence") for c in document.get("checks", []) if c.get("confidence")), 0.95)
     rows = flip_rows(document)
-    dose_table = dose_rows(document)
+    dose = dose if dose is not None else DoseResponse(dose_rows(document), None)  # a format alone: no figure
+    dose_table = dose.rows
     # checks where no item flipped are folded into one line: the table lists what changed
     unflipped = [f for f in rows if f["changed"] == 0 and f["verdict"] == "pass"]
     return str(env.get_template(name).render(
@@ -90,23 +91,23 @@ def _render(kind: str, name: str, document: dict[str, Any], template_dir: Path |
         blocked=[c for c in document.get("checks", []) if c.get("verdict") == "fail"],
         unmeasured=[c for c in document.get("checks", []) if c.get("verdict") not in ("pass", "fail")],
         heatmaps=[_figure(h) for h in heatmaps], dose=dose_table, dose_widths=widths_of(dose_table),
-        trends=[row for row in dose_table if row["trend"]], dose_figure=_figure(dose) if dose else None))
+        trends=[row for row in dose_table if row["trend"]], dose_figure=_figure(dose.figure) if dose.figure else None))
 
 
 def render_markdown(document: dict[str, Any], template_dir: Path | None = None,
-                    heatmaps: Sequence[Heatmap] = (), dose: Heatmap | None = None) -> str:
+                    heatmaps: Sequence[Heatmap] = (), dose: DoseResponse | None = None) -> str:
     """GitHub-flavoured Markdown: the report people read in CI logs and pull requests (heatmaps as PNG links)."""
     return _render("md", "report.md.j2", document, template_dir, heatmaps, dose)
 
 
 def render_html(document: dict[str, Any], template_dir: Path | None = None,
-                heatmaps: Sequence[Heatmap] = (), dose: Heatmap | None = None) -> str:
+                heatmaps: Sequence[Heatmap] = (), dose: DoseResponse | None = None) -> str:
     """One self-contained HTML file (inline CSS, images as data URIs) so it survives being a CI artifact."""
     return _render("html", "report.html.j2", document, template_dir, heatmaps, dose)
 
 
 def render_latex(document: dict[str, Any], template_dir: Path | None = None,
-                 heatmaps: Sequence[Heatmap] = (), dose: Heatmap | None = None) -> str:
+                 heatmaps: Sequence[Heatmap] = (), dose: DoseResponse | None = None) -> str:
     """A standalone LaTeX document with booktabs tables, ready to paste into a paper (heatmaps included from
     the PNG files written beside it)."""
     return _render("tex", "report.tex.j2", document, template_dir, heatmaps, dose)
@@ -147,8 +148,10 @@ def template_dir_from_env() -> Path | None:
     return Path(value) if value else None
 
 
-def write_reports(document: dict[str, Any], out_dir: Path, template_dir: Path | None = None) -> list[Path]:
+def write_reports(document: dict[str, Any], out_dir: Path, template_dir: Path | None = None,
+                  dose: DoseResponse | None = None) -> list[Path]:
     """Write every format into `out_dir`; report.md and results.json come first (the summary line names them).
+    `dose`: the dose-response already fitted for this document (the session's terminal summary shares it).
 
     The JSON is written first and atomically: it is the data every other format is derived from, so it must
     exist even when a template is broken.
@@ -159,10 +162,10 @@ def write_reports(document: dict[str, Any], out_dir: Path, template_dir: Path | 
     results_path = out_dir / "results.json"
     write_json_atomic(results_path, document)
     heatmaps = drift_heatmaps(document)
-    dose = dose_figure(document)
+    dose = dose if dose is not None else dose_response(document)
     for stale in [*out_dir.glob("heatmap_*.png"), *out_dir.glob("dose_response*.png")]:
         stale.unlink()  # a previous run's figures would be mistaken for this run's
-    figures = [*heatmaps, *([dose] if dose else [])]
+    figures = [*heatmaps, *([dose.figure] if dose.figure else [])]
     for figure in figures:
         (out_dir / figure.file).write_bytes(figure.png)
     outputs = {

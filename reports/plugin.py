@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from reports.dose_figure import DoseResponse
 
 AUDIT_PROPERTY = "moe_fbs_audit"
 
@@ -22,7 +25,7 @@ class ReportCollector:
         self.config = config
         self.records: dict[str, dict[str, Any]] = {}
         self.outputs: list[Path] = []
-        self.document: dict[str, Any] | None = None
+        self.dose: DoseResponse | None = None  # fitted once, shared by the report and the terminal
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         for name, value in report.user_properties:
@@ -39,6 +42,7 @@ class ReportCollector:
         if hasattr(self.config, "workerinput") or not self.records:
             return  # xdist worker (the controller writes), or no audit test ran
         from fixtures.plugin import CONFIG_KEY
+        from reports.dose_figure import dose_response
         from reports.formats import template_dir_from_env, write_reports
         from reports.render import build_document, run_settings
 
@@ -46,8 +50,8 @@ class ReportCollector:
         document = build_document(list(self.records.values()), run_settings(audit_config),
                                   finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         # outputs[0] is report.md and outputs[1] results.json: the summary line names them in that order
-        self.outputs = write_reports(document, audit_config.report_dir, template_dir_from_env())
-        self.document = document
+        self.dose = dose_response(document)
+        self.outputs = write_reports(document, audit_config.report_dir, template_dir_from_env(), self.dose)
 
     def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
         if not self.outputs:
@@ -70,7 +74,7 @@ class ReportCollector:
                 "could not be measured (errors, not verdicts: fix the cause and run again):")
             for checkpoint, (count, cause) in unmeasured.items():
                 terminalreporter.write_line(f"  {checkpoint}: {count} check(s): {cause}")
-        for line in underpowered_lines(records) + trend_lines(self.document):
+        for line in underpowered_lines(records) + trend_lines(self.dose.rows if self.dose else []):
             terminalreporter.write_line(line)
         terminalreporter.write_line(
             f"moe-fbs-audit: {len(checkpoints)} checkpoint(s)"
@@ -85,11 +89,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(ReportCollector(config), "moe-fbs-audit-report")
 
 
-def trend_lines(document: dict[str, Any] | None) -> list[str]:
-    """Monotone worsening trends over bit width with a significant slope, named even when every width passes."""
-    from reports.dose_response import dose_rows
-
-    trends = [row for row in dose_rows(document or {}) if row["trend"]]
+def trend_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Monotone worsening trends over bit width with a significant slope (of `dose_rows`), named even when every
+    width passes."""
+    trends = [row for row in rows if row["trend"]]
     if not trends:
         return []
     return [f"dose-response: {len(trends)} monotone worsening trend(s) over bit width with a significant slope "

@@ -87,7 +87,14 @@ def _setting_key(checkpoint: dict[str, Any]) -> tuple[Any, ...]:
     return (method.get("method"), method.get("scheme"), method.get("ratio"), checkpoint.get("safety_fraction"))
 
 
-def _safety_text(value: Any) -> str:
+def averaged_seeds(checkpoints: list[dict[str, Any]]) -> set[str]:
+    """Ids of the per-seed checkpoints whose setting also has a seed mean: the tables (and the dose-response)
+    show the mean; the seeds themselves go to the appendix."""
+    averaged = {_setting_key(c) for c in checkpoints if c.get("kind") == "seed_mean"}
+    return {c["id"] for c in checkpoints if c.get("kind") != "seed_mean" and _setting_key(c) in averaged}
+
+
+def safety_text(value: Any) -> str:
     """The calibration mix as the ids spell it: "0%", "11.8%", "100%"; "–" for a data-free method."""
     fraction = number(value)
     return "–" if fraction is None else f"{round(fraction * 100, 3):g}%"
@@ -122,7 +129,7 @@ def _row(checkpoint: dict[str, Any], columns: list[dict[str, Any]], checks: dict
     return {
         "id": checkpoint["id"], "family": family, "method": name, "setting": _setting(method),
         "ratio": number(method.get("ratio")), "safety": number(checkpoint.get("safety_fraction")),
-        "safety_text": _safety_text(checkpoint.get("safety_fraction")),
+        "safety_text": safety_text(checkpoint.get("safety_fraction")),
         "seed": _seed_label(checkpoint), "kind": checkpoint.get("kind", "checkpoint"),
         "verdict": checkpoint.get("verdict", "error"), "cells": cells,
         "sort": (FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER), family,
@@ -173,15 +180,14 @@ def report_tables(document: dict[str, Any]) -> list[dict[str, Any]]:
                         "judged": judged})
     dense = {column["metric"]: number(document.get("dense", {}).get(column["metric"])) for column in columns}
     checkpoints = document.get("checkpoints", [])
-    averaged = {_setting_key(c) for c in checkpoints if c.get("kind") == "seed_mean"}
+    in_appendix = averaged_seeds(checkpoints)
     method_rank: dict[str, int] = {}
     ratio_rank: dict[float | None, int] = {}
     main: list[dict[str, Any]] = []
     per_seed: list[dict[str, Any]] = []
     for checkpoint in checkpoints:
         row = _row(checkpoint, columns, checks, method_rank, ratio_rank)
-        in_appendix = row["kind"] != "seed_mean" and _setting_key(checkpoint) in averaged
-        (per_seed if in_appendix else main).append(row)
+        (per_seed if checkpoint["id"] in in_appendix else main).append(row)
     ratios = list(dict.fromkeys(row["ratio"] for row in main if row["ratio"] is not None))
     tables = []
     for index, ratio in enumerate(ratios or [None]):

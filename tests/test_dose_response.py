@@ -71,10 +71,10 @@ def test_trends_are_named_in_every_report_and_the_terminal(tmp_path: Path) -> No
     document = _document({8: 0.02, 4: 0.08, 3: 0.2}, {8: 0.04, 4: 0.06, 3: 0.065})
     for text in (render_markdown(document), render_html(document), render_latex(document)):
         assert "2 monotone worsening trend(s) with a significant slope" in text
-    lines = trend_lines(document)
+    lines = trend_lines(dose_rows(document))
     assert lines[0].startswith("dose-response: 2 monotone worsening trend(s)")
     assert any(line.startswith(f"  gptq safety 0% {FLIP}: +") and "3-bit 0.200" in line for line in lines)
-    figure = dose_figure(document)
+    figure = dose_figure(dose_rows(document))
     assert figure is not None and figure.png.startswith(b"\x89PNG")
     written = write_reports(document, tmp_path)
     assert tmp_path / "dose_response.png" in written
